@@ -1,0 +1,83 @@
+"""What every engine does before training: build the task, its data and its model, or resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsim.checkpoint import load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
+from fedsim.config import Experiment, RunConfig
+from fedsim.data import DatasetSplit, load_dataset
+from fedsim.results import RunDir
+from fedsim.tasks import Task, make_task
+from fedsim.train import TrainState, build_schedulers, configure_torch, seed_everything, torch_dtype
+
+
+@dataclass
+class RunContext:
+    """Where a run comes from and where it writes.
+
+    ``experiment`` and ``overrides`` let a launcher (torchrun, Ray) start the same run again in
+    other processes; ``rank0`` is False on ranks that must not write.
+    """
+
+    out: RunDir
+    experiment: Experiment | None = None
+    overrides: tuple[str, ...] = ()
+    resume: bool = False
+    rank0: bool = True
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def load_task_data(run: RunConfig) -> tuple[Task, DatasetSplit]:
+    """The run's task (options validated) and its dataset, adapted by ``task.prepare_data``."""
+    task = make_task(run.task, run.task_options, run.source)
+    data = run.data
+    split = load_dataset(data.name or task.default_dataset, test_fraction=data.test_fraction,
+                         split_seed=data.split_seed, normalise=data.normalise, data_dir=data.data_dir, **data.options)
+    return task, task.prepare_data(split)
+
+
+def build_model(task: Task, split: DatasetSplit, run: RunConfig, device: torch.device) -> nn.Module:
+    """Seeded model init (every rank/client/engine with the same seed starts from the same weights)."""
+    seed_everything(run.train.seed)
+    return task.build_model(split.info).to(device=device, dtype=torch_dtype(run.train.dtype))
+
+
+@dataclass
+class Prepared:
+    task: Task
+    split: DatasetSplit
+    state: TrainState
+    device: torch.device
+
+
+def prepare(run: RunConfig, resume_from: RunDir | None = None) -> Prepared:
+    """Task, data, model, optimizers and schedulers; restored from the checkpoint when resuming."""
+    device = configure_torch(run.train)
+    task, split = load_task_data(run)
+    model = build_model(task, split, run, device)
+    optimizers = task.build_optimizers(model, run.train)
+    state = TrainState(model, optimizers, build_schedulers(optimizers, run.train))
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from.checkpoint_path)
+        state.load(checkpoint)
+        restore_rng(checkpoint["rng"])
+    return Prepared(task, split, state, device)
+
+
+def save_state(out: RunDir, engine: str, state: TrainState, model: nn.Module | None = None,
+               engine_state: dict[str, Any] | None = None) -> None:
+    """Checkpoint a TrainState in the shared format (``model`` = the unwrapped module)."""
+    module = model or state.model
+    save_checkpoint(out.checkpoint_path, make_checkpoint(
+        engine, module.state_dict(), state.optimizer_states(), state.scheduler_states(),
+        epoch=state.epoch, step=state.step, engine_state=engine_state))
+
+
+def final_parameters(model: nn.Module) -> dict[str, list[float]]:
+    """Not for summaries (too big): used by tests that compare engines."""
+    return {k: v.detach().cpu().flatten().tolist() for k, v in model.state_dict().items()}

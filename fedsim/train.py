@@ -1,0 +1,251 @@
+"""The one training loop every engine calls (central, DDP ranks, pipeline stages, federated clients).
+
+Engines differ only in what they hand to :func:`fit`: which batches an epoch sees (a
+``DistributedSampler`` shard, a client's partition), and what one step does. The default step is
+:meth:`Task.train_step` (plain forward/backward); the pipeline engine passes its schedule step
+instead — the loop's only branch, as in torchtitan's ``forward_backward_step``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedsim.config import TrainConfig
+from fedsim.tasks import Batch, ExtraLoss, Task, move_batch
+
+StepFn = Callable[[Batch], dict[str, float]]
+EpochHook = Callable[["TrainState", dict[str, Any]], None]
+
+__all__ = [
+    "TrainState", "fit", "train_one_epoch", "make_loader", "epoch_permutation", "seed_everything", "derive_seed",
+    "keyed_generator", "resolve_device", "configure_torch", "build_schedulers", "torch_dtype",
+]
+
+
+# ---- randomness -------------------------------------------------------------------------------
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed that depends only on ``keys`` (e.g. (seed, epoch), (seed, round, partition)).
+
+    Hash-based rather than ``seed + offset`` so that neighbouring keys give unrelated streams.
+    """
+    digest = hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def keyed_generator(*keys: int | str) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(*keys))
+    return generator
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (model init and dropout draw from these)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order of the training data in ``epoch``: a function of (seed, epoch) only, so a resumed
+    run and every engine see the same order."""
+    if not shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=keyed_generator(seed, "epoch", epoch)).tolist()
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True, indices: list[int] | None = None
+) -> DataLoader:
+    """Batches of ``dataset`` (or of ``indices`` into it) in the (seed, epoch) order."""
+    order = indices if indices is not None else list(range(len(dataset)))  # type: ignore[arg-type]
+    permuted = [order[i] for i in epoch_permutation(len(order), seed, epoch, shuffle)]
+    return DataLoader(dataset, batch_size=batch_size, sampler=permuted, drop_last=False)
+
+
+# ---- devices ---------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fedsim.errors import FedsimError
+
+        raise FedsimError("train.device = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def configure_torch(train: TrainConfig) -> torch.device:
+    """Threads, determinism flags and the device for a run."""
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    torch.use_deterministic_algorithms(False)  # CPU kernels are deterministic; keep CUDA fast
+    return resolve_device(train.device)
+
+
+# ---- state -----------------------------------------------------------------------------------
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], train: TrainConfig) -> dict[str, Any]:
+    """Per-epoch learning-rate schedules from torch.optim.lr_scheduler."""
+    schedulers: dict[str, Any] = {}
+    for name, optimizer in optimizers.items():
+        if train.schedule == "cosine":
+            schedulers[name] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(train.epochs, 1))
+        elif train.schedule == "step":
+            schedulers[name] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.step_size, gamma=train.gamma)
+    return schedulers
+
+
+@dataclass
+class TrainState:
+    """What the loop advances. ``epoch`` and ``step`` count completed work."""
+
+    model: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+
+    def optimizer_states(self) -> dict[str, Any]:
+        return {k: v.state_dict() for k, v in self.optimizers.items()}
+
+    def scheduler_states(self) -> dict[str, Any]:
+        return {k: v.state_dict() for k, v in self.schedulers.items()}
+
+    def load(self, checkpoint: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Restore from a checkpoint dict (see :mod:`fedsim.checkpoint`)."""
+        (model or self.model).load_state_dict(checkpoint["model"])
+        for name, state in checkpoint["optimizers"].items():
+            self.optimizers[name].load_state_dict(state)
+        for name, state in checkpoint["schedulers"].items():
+            self.schedulers[name].load_state_dict(state)
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), transient=True)
+
+
+def train_one_epoch(
+    state: TrainState,
+    batches: Iterable[Batch],
+    step_fn: StepFn,
+    *,
+    max_steps: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Run ``step_fn`` over ``batches``; return step metrics averaged with batch-size weights."""
+    totals: dict[str, float] = {}
+    seen = 0
+    for index, batch in enumerate(batches):
+        if max_steps and index >= max_steps:
+            break
+        size = len(batch[0])
+        metrics = step_fn(batch)
+        state.step += 1
+        seen += size
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * size
+        if on_step is not None:
+            on_step(state.step)
+    return {key: value / max(seen, 1) for key, value in totals.items()}
+
+
+def fit(
+    task: Task,
+    state: TrainState,
+    train: TrainConfig,
+    batches_for_epoch: Callable[[int], Iterable[Batch]],
+    *,
+    epochs: int | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    step_fn: StepFn | None = None,
+    extra_loss: ExtraLoss | None = None,
+    on_epoch_end: EpochHook | None = None,
+    on_step: Callable[[int], None] | None = None,
+    show_progress: bool | None = None,
+    description: str = "train",
+) -> list[dict[str, Any]]:
+    """Train from ``state.epoch`` up to ``epochs`` (default ``train.epochs``); return per-epoch records.
+
+    Parameters
+    ----------
+    batches_for_epoch: the batches of one epoch, given its index (engines choose shard/order).
+    evaluate: metrics after each epoch (recorded with a ``test_`` prefix); None to skip.
+    step_fn: replaces the default ``task.train_step`` (the pipeline schedule step).
+    extra_loss: added to the task loss by the default step (FedProx's proximal term).
+    on_epoch_end: called with the state and the epoch record (checkpointing, logging).
+    """
+    epochs = train.epochs if epochs is None else epochs
+    model = state.model
+
+    def default_step(batch: Batch) -> dict[str, float]:
+        model.train()
+        return task.train_step(model, move_batch(batch, model), state.optimizers, extra_loss)
+
+    step = step_fn or default_step
+    history: list[dict[str, Any]] = []
+    progress = _progress(train.progress if show_progress is None else show_progress)
+    if progress is not None:
+        progress.start()
+    try:
+        for epoch in range(state.epoch, epochs):
+            started = time.perf_counter()
+            batches = batches_for_epoch(epoch)
+            bar = None
+            if progress is not None:
+                total = min(len(batches), train.max_steps or len(batches)) if isinstance(batches, Sized) else None
+                bar = progress.add_task(f"{description} epoch {epoch + 1}/{epochs}", total=total, status="")
+
+            def advance(global_step: int, bar: Any = bar) -> None:
+                if bar is not None:
+                    progress.advance(bar)
+                if on_step is not None:
+                    on_step(global_step)
+
+            train_metrics = train_one_epoch(state, batches, step, max_steps=train.max_steps, on_step=advance)
+            for scheduler in state.schedulers.values():
+                scheduler.step()
+            state.epoch = epoch + 1
+            record: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
+            record.update({f"train_{k}": v for k, v in train_metrics.items()})
+            record["epoch_time_s"] = time.perf_counter() - started
+            if evaluate is not None:
+                model.eval()
+                with torch.no_grad():
+                    record.update({f"test_{k}": v for k, v in evaluate().items()})
+            lrs = [group["lr"] for opt in state.optimizers.values() for group in opt.param_groups]
+            if lrs:
+                record["lr"] = lrs[0]
+            history.append(record)
+            if bar is not None:
+                progress.update(bar, status=_status(record))
+                progress.remove_task(bar)
+            if on_epoch_end is not None:
+                on_epoch_end(state, record)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return history
+
+
+def _status(record: dict[str, Any]) -> str:
+    keys = [k for k in record if k.startswith("test_")][:2] or [k for k in record if k.startswith("train_")][:1]
+    return " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record[k], float))

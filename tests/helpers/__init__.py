@@ -1,0 +1,1 @@
+"""Test-only tasks and utilities (importable as ``tests.helpers``)."""
