@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "run": "fedsim.cli_core:add_run",
     "list": "fedsim.cli_core:add_list",
     "part-a": "fedsim.cli_core:add_part_a",
+    "partitions": "fedsim.cli_federated:add_partitions",
+    "compare": "fedsim.cli_federated:add_compare",
     "flower-run": "fedsim.flower_run:add_flower_run",
     "cluster": "fedsim.cli_cluster:add_cluster",
     "certs": "fedsim.certs:add_certs",

@@ -39,7 +39,7 @@ def _cluster(args: argparse.Namespace) -> int:
         if args.ray:
             state = cluster.ray_up(state_dir, args.nodes, args.cpus_per_node, args.gpus_per_node)
             print(f"Ray cluster up: address {state.info['address']} ({args.nodes} nodes)")
-            print(f"  use: ray_address = \"{state.info['address']}\" in [ddp] / [parameter_server]")
+            print(f"  use: ray_address = \"{state.info['address']}\" in [ddp] / [federated] / [parameter_server]")
         else:
             state = cluster.flower_up(state_dir, args.supernodes, insecure=args.insecure,
                                       certs_dir=Path(args.certs) if args.certs else None, auth=args.auth)

@@ -34,15 +34,15 @@ def add_list(subparsers: Any) -> None:
 
 def _capabilities(name: str) -> list[str]:
     from fedsim.errors import FedsimError
-    from fedsim.tasks import task_class
+    from fedsim.tasks import make_task
 
     try:
-        cls = task_class(name)
+        task = make_task(name)  # default options: some tasks derive their split points from them
     except FedsimError as exc:
         return [name, "-", "-", f"unavailable: {exc}", "-"]
-    ddp = "yes" if cls.supports_data_parallel else f"no: {cls.data_parallel_reason}"
-    pipe = ", ".join(cls.pipeline_split_points) if cls.pipeline_split_points else f"no: {cls.pipeline_reason}"
-    return [name, cls.description, ddp, pipe, "yes" if cls.vectorisable else "no"]
+    ddp = "yes" if task.supports_data_parallel else f"no: {task.data_parallel_reason}"
+    pipe = ", ".join(task.pipeline_split_points) if task.pipeline_split_points else f"no: {task.pipeline_reason}"
+    return [name, task.description, ddp, pipe, "yes" if task.vectorisable else "no"]
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -85,8 +85,11 @@ def ray_up(state_dir: Path, nodes: int, cpus_per_node: float = 1, gpus_per_node:
                        f"--temp-dir={temp_dir}", *ports, *common]
             else:
                 cmd = [_bin("ray"), "start", f"--address={address}", f"--node-ip-address={host}", *ports, *common]
+            # Nodes on one machine would all hand out GPU 0, 1, ...: give each its own GPUs.
+            gpus = {"CUDA_VISIBLE_DEVICES": ",".join(str(index * gpus_per_node + g) for g in range(gpus_per_node))
+                    } if gpus_per_node > 0 else {}
             process = procs.start(f"ray-{'head' if index == 0 else f'worker{index}'}", cmd,
-                                  state_dir / f"ray-node{index}.log", QUIET_ENV, address=host)
+                                  state_dir / f"ray-node{index}.log", {**QUIET_ENV, **gpus}, address=host)
             state.processes.append(process)
             state.save(state_dir)
             if index == 0:
@@ -160,6 +163,13 @@ def flower_up(state_dir: Path, supernodes: int, *, insecure: bool = False, certs
         state.processes.append(link)
         state.save(state_dir)
         procs.wait_for_port(host, port, timeout, link)
+        # The connection file first: `flwr supernode register` (auth) talks to the SuperLink through it.
+        write_flower_connection(state_dir / "flwr-home", f"{host}:{port}", insecure, certs.get("ca_cert"))
+        state.info["flwr_home"] = str(state_dir / "flwr-home")
+        if auth:
+            state.info["node_ids"] = [register_supernode(state_dir / "flwr-home", key.with_suffix(".pub"),
+                                                         f"supernode{i}", timeout)
+                                      for i, key in enumerate(node_keys)]
         for index in range(supernodes):
             node_port = procs.free_port(host)
             key_args = [f"--auth-supernode-private-key={node_keys[index]}"] if auth else []
@@ -170,9 +180,6 @@ def flower_up(state_dir: Path, supernodes: int, *, insecure: bool = False, certs
                 {**QUIET_ENV, "FLWR_HOME": str(state_dir / f"home-supernode{index}")}, address=f"{host}:{node_port}")
             state.processes.append(node)
             state.save(state_dir)
-        write_flower_connection(state_dir / "flwr-home", f"{host}:{port}", insecure, certs.get("ca_cert"))
-        state.info["flwr_home"] = str(state_dir / "flwr-home")
-        state.save(state_dir)
     except BaseException:
         procs.stop(state.processes)
         raise
@@ -189,8 +196,31 @@ def write_flower_connection(flwr_home: Path, address: str, insecure: bool, ca_ce
     return path
 
 
+def register_supernode(flwr_home: Path, public_key: Path, name: str, timeout: float = 60.0) -> int:
+    """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); its node id.
+
+    With ``--enable-supernode-auth`` (flwr >= 1.2x) the SuperLink keeps the allowed keys in its
+    state, added through the Control API; a SuperNode whose key is not registered is refused.
+    """
+    import subprocess
+
+    cmd = [_bin("flwr"), "supernode", "register", str(public_key), FLOWER_CONNECTION, "--name", name,
+           "--format", "json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)})
+    try:
+        reply = json.loads(result.stdout[result.stdout.index("{"):])
+    except ValueError:
+        reply = {}
+    if result.returncode != 0 or not reply.get("success"):
+        raise FedsimError(f"registering {public_key} with the SuperLink failed: "
+                          f"{(result.stdout + result.stderr).strip()[-1500:]}")
+    return int(reply["node-id"])
+
+
 def _supernode_keys(state_dir: Path, count: int) -> list[Path]:
-    """One ECDSA key pair per SuperNode (PEM private key, OpenSSH public key for registration)."""
+    """One ECDSA P-384 key pair per SuperNode, both in OpenSSH format (flower-supernode reads the
+    private key with ``load_ssh_private_key``; ``flwr supernode register`` takes the public one)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -198,7 +228,7 @@ def _supernode_keys(state_dir: Path, count: int) -> list[Path]:
     for index in range(count):
         key = ec.generate_private_key(ec.SECP384R1())
         private = state_dir / "keys" / f"supernode{index}.key"
-        atomic_write_text(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        atomic_write_text(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                      serialization.NoEncryption()).decode())
         atomic_write_text(private.with_suffix(".pub"), key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + "\n")

@@ -110,6 +110,10 @@ class DDPConfig:
     """Fault injection: rank ``fail_rank`` kills itself at this global step on the first attempt."""
     fail_rank: int = 1
     """Which rank the injected fault kills."""
+    fault_marker: str = ""
+    """Fault tests: instead of killing itself at ``fail_at_step``, rank ``fail_rank`` writes
+    ``{rank, pid, node_ip, step}`` to this file and waits (at most 120 s) to be killed from outside;
+    with ``fail_rank = -1`` every rank does so, each to ``<fault_marker>.rank<r>``."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,10 @@ class FederatedConfig:
     """Local engine: worker processes (0 = sequential in-process)."""
     vectorise: bool = False
     """Local engine: train sampled clients at once with torch.func (tasks that allow it)."""
+    reply_timeout_s: float = 600.0
+    """Seconds the server waits for a round's replies; a client silent that long counts as failed."""
+    ray_address: str = ""
+    """engine = "flower": attach the simulation to this Ray cluster (``fedsim cluster up --ray``); empty = a local Ray."""
 
 
 @dataclass(frozen=True)
@@ -185,11 +193,20 @@ class ParameterServerConfig:
     workers: int = 2
     """Worker actors W."""
     steps: int = 50
-    """Server steps (sync) or total gradient applications (async)."""
+    """Server steps (sync) or total gradient applications (async); 0 = ``train.epochs`` passes over the data."""
     ray_address: str = ""
     """Existing Ray cluster; empty = local Ray."""
     cpus_per_worker: float = 1.0
     """Ray resources per worker."""
+    gpus_per_worker: float = 0.0
+    """Ray GPUs per worker (gradients are computed on the worker's device)."""
+    num_cpus: int = 0
+    """CPUs of the local Ray the engine starts; 0 = every core (ignored with ``ray_address``)."""
+    shards: str = "strided"
+    """strided = worker k takes every W-th sample of each epoch's shared order (DistributedSampler; sync
+    equals large-batch central); or a partitioner (iid, dirichlet, shards, quantity_skew): fixed shards."""
+    alpha: float = 1.0
+    """Dirichlet concentration for ``shards = "dirichlet"``."""
 
 
 @dataclass(frozen=True)
@@ -205,13 +222,17 @@ class DecentralizedConfig:
     rounds: int = 10
     """Gossip rounds."""
     local_steps: int = 1
-    """Local SGD steps between averaging steps."""
+    """Local SGD steps between averaging steps (0 = one pass over the node's partition)."""
     backend: Literal["inprocess", "torch_distributed"] = "inprocess"
     """Simulated nodes in one process, or one torch.distributed process per node."""
     partition: str = "iid"
     """Partitioner (as in federated)."""
     alpha: float = 1.0
     """Dirichlet concentration."""
+    mixing: Literal["metropolis", "uniform"] = "metropolis"
+    """Gossip weights: Metropolis-Hastings or uniform (max-degree); both doubly stochastic."""
+    timeout_s: int = 900
+    """Wall-clock limit of the torchrun job (``backend = "torch_distributed"``)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,12 @@ from fedsim.registry import import_object
 from fedsim.results import RunDir, plot_curves, summary_table
 
 # Experiment-level reports beyond the generic table (``report.kind`` in the experiment file).
-REPORTS: dict[str, str] = {}
+REPORTS: dict[str, str] = {
+    "mae_masking": "fedsim.tasklib.mae_report:report_masking",
+    "central_vs_federated": "fedsim.compare:report",
+    "topologies": "fedsim.topology_report:report_topologies",
+    "fewshot_dc": "fedsim.tasklib.fewshot_report:report_fewshot",
+}
 
 
 def resolve(config: Experiment | str | Path | dict[str, Any], overrides: tuple[str, ...] = ()) -> Experiment:
@@ -57,12 +62,16 @@ def run_experiment(
     root = Path(out) / experiment.name
     summaries: list[dict[str, Any]] = []
     repeated = bool(experiment.seeds)
+    # Every (run, seed) this call will execute, in order: engines may start shared work for later
+    # runs early (the federated engine runs compatible runs in one Flower simulation).
+    planned = [(run_with_seed(run, seed), root / run_folder(run.name, seed, repeated))
+               for run in runs for seed in experiment.seeds or (run.train.seed,)]
     for run in runs:
         for seed in experiment.seeds or (run.train.seed,):
             seeded = run_with_seed(run, seed)
             folder = run_folder(run.name, seed, repeated)
             ctx = RunContext(out=RunDir(root / folder), experiment=experiment, overrides=tuple(overrides),
-                             resume=resume, rank0=is_rank0())
+                             resume=resume, rank0=is_rank0(), extras={"planned": planned})
             summary = engine_for(seeded.mode)(seeded, ctx)
             summary.setdefault("folder", folder)
             summaries.append(summary)

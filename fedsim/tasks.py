@@ -77,6 +77,9 @@ class Task:
         self.options = options if options is not None else self.Options()
         self.out_dir: Path | None = None
         """Folder of the current run; engines set it so tasks can write figures there."""
+        self.epoch = 0
+        """Epoch the shared loop is in (plus the engine's offset, e.g. the federated round): tasks key
+        per-sample random draws (MAE masks) by it, never by rank, batch or call count."""
 
     # ---- data -------------------------------------------------------------------------
     def prepare_data(self, split: DatasetSplit) -> DatasetSplit:

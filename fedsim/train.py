@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedsim.config import TrainConfig
 from fedsim.tasks import Batch, ExtraLoss, Task, move_batch
@@ -28,7 +28,7 @@ EpochHook = Callable[["TrainState", dict[str, Any]], None]
 
 __all__ = [
     "TrainState", "fit", "train_one_epoch", "make_loader", "epoch_permutation", "seed_everything", "derive_seed",
-    "keyed_generator", "resolve_device", "configure_torch", "build_schedulers", "torch_dtype",
+    "keyed_generator", "resolve_device", "configure_torch", "build_schedulers", "torch_dtype", "TensorBatches",
 ]
 
 
@@ -63,12 +63,40 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> li
     return torch.randperm(n, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
 
+class TensorBatches:
+    """Batches of a ``TensorDataset`` in a given order, by tensor indexing.
+
+    Equal to ``DataLoader(dataset, batch_size, sampler=order)`` batch for batch, without fetching
+    and collating one sample at a time (the digits data sets are tiny; per-sample overhead
+    dominated every engine's step time).
+    """
+
+    def __init__(self, dataset: TensorDataset, order: list[int], batch_size: int) -> None:
+        self.tensors = dataset.tensors
+        self.order = torch.as_tensor(order, dtype=torch.long)
+        self.batch_size = batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.order)
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, len(self.order), self.batch_size):
+            index = self.order[start : start + self.batch_size]
+            yield tuple(tensor[index] for tensor in self.tensors)  # type: ignore[misc]
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True, indices: list[int] | None = None
-) -> DataLoader:
+) -> Iterable[Batch]:
     """Batches of ``dataset`` (or of ``indices`` into it) in the (seed, epoch) order."""
     order = indices if indices is not None else list(range(len(dataset)))  # type: ignore[arg-type]
     permuted = [order[i] for i in epoch_permutation(len(order), seed, epoch, shuffle)]
+    if isinstance(dataset, TensorDataset):
+        return TensorBatches(dataset, permuted, batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=permuted, drop_last=False)
 
 
@@ -88,10 +116,11 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def configure_torch(train: TrainConfig) -> torch.device:
-    """Threads, determinism flags and the device for a run."""
+    """Threads and the device for a run."""
+    # CPU kernels are deterministic for a fixed thread count; no torch.use_deterministic_algorithms
+    # here (it imports torch._inductor: seconds per process, paid by every rank and Ray actor).
     if train.threads > 0:
         torch.set_num_threads(train.threads)
-    torch.use_deterministic_algorithms(False)  # CPU kernels are deterministic; keep CUDA fast
     return resolve_device(train.device)
 
 
@@ -182,6 +211,7 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     show_progress: bool | None = None,
     description: str = "train",
+    epoch_offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Train from ``state.epoch`` up to ``epochs`` (default ``train.epochs``); return per-epoch records.
 
@@ -192,6 +222,8 @@ def fit(
     step_fn: replaces the default ``task.train_step`` (the pipeline schedule step).
     extra_loss: added to the task loss by the default step (FedProx's proximal term).
     on_epoch_end: called with the state and the epoch record (checkpointing, logging).
+    epoch_offset: added to the epoch index in :attr:`Task.epoch` (a federated client passes the
+        epochs of earlier rounds so that per-epoch random draws differ from round to round).
     """
     epochs = train.epochs if epochs is None else epochs
     model = state.model
@@ -208,6 +240,7 @@ def fit(
     try:
         for epoch in range(state.epoch, epochs):
             started = time.perf_counter()
+            task.epoch = epoch_offset + epoch
             batches = batches_for_epoch(epoch)
             bar = None
             if progress is not None:

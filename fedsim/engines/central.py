@@ -16,7 +16,7 @@ def run_central(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
     started = time.time()
     out = ctx.out
     resume = ctx.resume and out.checkpoint_path.exists()
-    if not resume:
+    if not resume and ctx.rank0:
         out.reset_metrics()
     prepared = prepare(run, resume_from=out if resume else None)
     task, split, state = prepared.task, prepared.split, prepared.state
@@ -24,6 +24,8 @@ def run_central(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
     train_cfg = run.train
 
     def on_epoch_end(state_now: Any, record: dict[str, Any]) -> None:
+        if not ctx.rank0:  # a central run started on every rank by torchrun: only rank 0 writes
+            return
         out.log(record)
         if train_cfg.checkpoint:
             save_state(out, "central", state_now)
@@ -47,6 +49,7 @@ def run_central(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
     metrics.update(task.final_metrics(state.model, split))
     summary = make_summary(run, metrics, started=started, extra={"epochs": state.epoch, "steps": state.step,
                                                                    "history": history})
-    out.write_summary(summary)
+    if ctx.rank0:
+        out.write_summary(summary)
     summary["model"] = state.model  # in-memory only (not JSON): lets tests and fedsim.run callers inspect it
     return summary

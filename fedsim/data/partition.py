@@ -1,0 +1,209 @@
+"""Splitting a training set across federated clients.
+
+Each partitioner maps labels (or just a sample count) to one index array per client. They are
+pure functions of their arguments and the seed, and every sample lands in exactly one client.
+
+* ``iid``: a seeded permutation cut into near-equal parts;
+* ``dirichlet``: per class, client shares drawn from ``Dir(alpha)`` (Hsu et al., 2019), with
+  the NIID-Bench balancing rule (a client already holding ``N / K`` samples gets no more) and
+  redraws until every client has ``min_size`` samples; small ``alpha`` = strong label skew;
+* ``shards``: every client holds exactly ``k`` classes (classes dealt round-robin after a seeded
+  shuffle, each class's samples split between its holders);
+* ``quantity_skew``: iid labels, client sizes from ``Dir(alpha)`` (at least ``min_size`` each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedsim.errors import FedsimError
+
+Partition = list[np.ndarray]
+
+__all__ = [
+    "PARTITIONERS",
+    "Partition",
+    "partition",
+    "iid",
+    "dirichlet",
+    "shards",
+    "quantity_skew",
+    "label_counts",
+    "label_skew",
+    "split_holdout",
+]
+
+
+def _rng(seed: int, *keys: int | str) -> np.random.Generator:
+    # SeedSequence mixes the keys so (seed, "dirichlet") and (seed, "iid") are unrelated streams.
+    return np.random.default_rng(np.random.SeedSequence([seed, *[_key(k) for k in keys]]))
+
+
+def _key(k: int | str) -> int:
+    return k if isinstance(k, int) else int.from_bytes(k.encode()[:8].ljust(8, b"\0"), "little")
+
+
+def _check(num_clients: int, n: int, min_size: int = 1) -> None:
+    if num_clients < 1:
+        raise FedsimError(f"federated.num_clients must be >= 1, got {num_clients}")
+    if n < num_clients * min_size:
+        raise FedsimError(f"cannot give {num_clients} clients {min_size} sample(s) each from {n} samples")
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int, **_: Any) -> Partition:
+    """A seeded permutation cut into ``num_clients`` parts whose sizes differ by at most one."""
+    n = len(labels)
+    _check(num_clients, n)
+    order = _rng(seed, "iid").permutation(n)
+    return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_clients)]
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, seed: int, alpha: float = 1.0, min_size: int = 10, max_tries: int = 1000,
+    **_: Any,
+) -> Partition:
+    """Label skew: the share of class ``c`` each client gets is drawn from ``Dir(alpha * 1)``.
+
+    Parameters
+    ----------
+    alpha: concentration; 100 is close to iid, 0.1 leaves most clients with one or two classes.
+    min_size: redraw (with the next draws of the same seeded stream) until every client has at
+        least this many samples (capped at ``N // (2K)`` for small data sets).
+    """
+    if alpha <= 0:
+        raise FedsimError(f"federated.alpha must be > 0 for the dirichlet partition, got {alpha}")
+    labels = np.asarray(labels)
+    n = len(labels)
+    _check(num_clients, n)
+    min_size = max(1, min(min_size, n // (2 * num_clients)))
+    rng = _rng(seed, "dirichlet")
+    classes = np.unique(labels)
+    by_class = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = by_class[c]
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            # NIID-Bench balancing: clients already at the mean size take no more of any class.
+            full = np.array([len(p) >= n / num_clients for p in parts])
+            shares = np.where(full, 0.0, shares)
+            shares = shares / shares.sum() if shares.sum() > 0 else np.full(num_clients, 1.0 / num_clients)
+            cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise FedsimError(f"dirichlet partition: no draw in {max_tries} gave every one of {num_clients} clients "
+                      f"{min_size} samples (alpha={alpha}, {n} samples); raise alpha or lower num_clients")
+
+
+def shards(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2, **_: Any) -> Partition:
+    """Pathological non-iid: client ``i`` holds exactly ``shards_per_client`` classes.
+
+    Classes are shuffled, then dealt round-robin (client ``i`` gets classes ``i*k .. i*k+k-1``
+    modulo ``C``), so each class has ``K*k/C`` holders (within one) that split its samples.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    _check(num_clients, n)
+    classes = np.unique(labels)
+    k = shards_per_client
+    if not 1 <= k <= len(classes):
+        raise FedsimError(f"federated.shards_per_client must be in 1..{len(classes)} (classes), got {k}")
+    rng = _rng(seed, "shards")
+    order = classes[rng.permutation(len(classes))]
+    holders: dict[Any, list[int]] = {c: [] for c in classes}
+    for client in range(num_clients):
+        for j in range(k):
+            holders[order[(client * k + j) % len(classes)]].append(client)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        owners = holders[c]
+        if not owners:  # fewer class slots than classes: the class goes to the smallest clients
+            owners = [int(np.argmin([len(p) for p in parts]))]
+        for owner, chunk in zip(owners, np.array_split(idx, len(owners)), strict=True):
+            parts[owner].extend(chunk.tolist())
+    if min(len(p) for p in parts) == 0:
+        raise FedsimError(f"shards partition left a client empty ({num_clients} clients, {n} samples)")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def quantity_skew(
+    labels: np.ndarray, num_clients: int, seed: int, alpha: float = 1.0, min_size: int = 10, **_: Any
+) -> Partition:
+    """Iid labels, skewed sizes: ``min_size`` each, the rest shared by ``Dir(alpha)`` proportions."""
+    if alpha <= 0:
+        raise FedsimError(f"federated.alpha must be > 0 for the quantity_skew partition, got {alpha}")
+    n = len(labels)
+    _check(num_clients, n)
+    min_size = max(1, min(min_size, n // (2 * num_clients)))
+    rng = _rng(seed, "quantity_skew")
+    shares = rng.dirichlet(np.full(num_clients, alpha))
+    extra = rng.multinomial(n - min_size * num_clients, shares)
+    sizes = extra + min_size
+    order = rng.permutation(n)
+    return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+PARTITIONERS: dict[str, Callable[..., Partition]] = {
+    "iid": iid,
+    "dirichlet": dirichlet,
+    "shards": shards,
+    "quantity_skew": quantity_skew,
+}
+
+
+def partition(
+    labels: Sequence[int] | np.ndarray, num_clients: int, method: str = "iid", *, seed: int = 0, alpha: float = 1.0,
+    shards_per_client: int = 2, min_size: int = 10,
+) -> Partition:
+    """Indices of each client's samples (sorted, disjoint, covering ``range(len(labels))``).
+
+    Parameters
+    ----------
+    labels: integer class of every training sample (only its length matters for iid and
+        quantity skew).
+    method: a key of :data:`PARTITIONERS`.
+    seed: the same seed gives the same partition on every machine.
+    """
+    if method not in PARTITIONERS:
+        raise FedsimError(f"unknown partition '{method}'; known: {', '.join(PARTITIONERS)}")
+    return PARTITIONERS[method](np.asarray(labels), num_clients, seed, alpha=alpha,
+                                shards_per_client=shards_per_client, min_size=min_size)
+
+
+def label_counts(labels: Sequence[int] | np.ndarray, parts: Partition, num_classes: int | None = None) -> np.ndarray:
+    """``[clients, classes]`` matrix of how many samples of each class each client holds."""
+    labels = np.asarray(labels)
+    num_classes = num_classes or int(labels.max()) + 1
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+def label_skew(labels: Sequence[int] | np.ndarray, parts: Partition) -> float:
+    """Mean total-variation distance between each client's label distribution and the global one.
+
+    0 = every client sees the global mix; 1 = disjoint supports.
+    """
+    counts = label_counts(labels, parts).astype(float)
+    global_dist = counts.sum(0) / counts.sum()
+    client_dist = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    return float(0.5 * np.abs(client_dist - global_dist).sum(1).mean())
+
+
+def split_holdout(indices: np.ndarray, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's (train, held-out) indices: a seeded ``fraction`` of its samples kept for local testing.
+
+    At least one sample is held out when ``fraction > 0`` and at least one is kept for training.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise FedsimError(f"federated.client_test_fraction must be in [0, 1), got {fraction}")
+    n = len(indices)
+    n_out = 0 if fraction == 0.0 or n < 2 else min(n - 1, max(1, int(round(fraction * n))))
+    order = _rng(seed, "holdout", partition_id).permutation(n)
+    held = np.sort(indices[order[:n_out]])
+    kept = np.sort(indices[order[n_out:]])
+    return kept, held
