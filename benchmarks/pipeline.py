@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `python benchmar
 from fedsim.config import RunConfig, from_dict  # noqa: E402
 from fedsim.data import DataInfo  # noqa: E402
 from fedsim.engines.pipeline import build_pipeline, ideal_efficiency  # noqa: E402
+from fedsim.results import save_figure  # noqa: E402
 from fedsim.tasks import Batch, Task  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -229,9 +230,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("pipeline efficiency: measured (solid) vs 1-(S-1)/(m+S-1) (dashed)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

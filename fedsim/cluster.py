@@ -51,13 +51,28 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _ray_node_ports(host: str) -> dict[str, int]:
-    """Distinct ports for everything a Ray node listens on (several nodes share one machine)."""
+def _ray_node_ports(host: str, taken: set[int]) -> dict[str, int]:
+    """Distinct ports for everything a Ray node listens on (several nodes share one machine).
+
+    ``taken`` holds the ports already given out (GCS, client server, other nodes): a port freed
+    after an earlier draw may be handed out again by the OS, and Ray refuses a port used twice.
+    """
     names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
-    ports = dict(zip(names, procs.free_ports(len(names), host), strict=True))
+    for _ in range(50):
+        drawn = procs.free_ports(len(names), host)
+        if not taken.intersection(drawn):
+            break
+    else:
+        raise FedsimError(f"no {len(names)} free ports on {host} distinct from {sorted(taken)}")
+    taken.update(drawn)
+    ports = dict(zip(names, drawn, strict=True))
     # Worker ports: a block below the ephemeral range, so no port picked above can fall inside it.
-    base = procs.free_port_range(WORKER_PORTS, host)
+    for _ in range(50):
+        base = procs.free_port_range(WORKER_PORTS, host)
+        if taken.isdisjoint(range(base, base + WORKER_PORTS)):
+            break
+    taken.update(range(base, base + WORKER_PORTS))
     ports["min-worker-port"], ports["max-worker-port"] = base, base + WORKER_PORTS - 1
     return ports
 
@@ -70,6 +85,7 @@ def ray_up(state_dir: Path, nodes: int, cpus_per_node: float = 1, gpus_per_node:
     _refuse_running(state_dir)
     head_host = "127.0.0.2"
     gcs_port, client_port = procs.free_ports(2, head_host)
+    taken = {gcs_port, client_port}
     address = f"{head_host}:{gcs_port}"
     # A short temp dir: Ray's unix socket paths must stay under 107 characters.
     temp_dir = Path("/tmp") / f"fedsim-ray-{os.getpid()}-{gcs_port}"
@@ -78,7 +94,7 @@ def ray_up(state_dir: Path, nodes: int, cpus_per_node: float = 1, gpus_per_node:
     try:
         for index in range(nodes):
             host = f"127.0.0.{index + 2}"
-            ports = [f"--{k}={v}" for k, v in _ray_node_ports(host).items()]
+            ports = [f"--{k}={v}" for k, v in _ray_node_ports(host, taken).items()]
             if index == 0:
                 cmd = [_bin("ray"), "start", "--head", f"--node-ip-address={host}", f"--port={gcs_port}",
                        "--include-dashboard=false", f"--ray-client-server-port={client_port}",

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedsim.checkpoint import atomic_write_json, atomic_write_text
 from fedsim.errors import FedsimError
-from fedsim.results import format_mean_std, mean_std, print_table
+from fedsim.results import format_mean_std, mean_std, print_table, save_figure
 
 __all__ = ["load_summaries", "comparison", "write_comparison", "report", "COLUMNS"]
 
@@ -208,12 +208,7 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
     by_round.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *, metric: str = "accuracy",

@@ -25,6 +25,7 @@ from fedsim.models.part_a import (
     exam_function_grad_formula,
     slow_objective,
 )
+from fedsim.results import save_figure
 
 __all__ = ["part_a_report", "exam_net_step", "ExamNetStep", "optimise_slow_objective", "SlowRun",
            "compare_slow_objective", "plot_slow_objective", "inverse_check"]
@@ -154,10 +155,7 @@ def plot_slow_objective(runs: tuple[SlowRun, ...], path: Path, tol: float = 1e-6
     ax.set_xlabel("w0 (steep)")
     ax.set_ylabel("w1 (flat)")
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 # ---- the printout ---------------------------------------------------------------------------------

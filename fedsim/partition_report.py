@@ -15,7 +15,7 @@ import numpy as np
 from fedsim.config import Experiment, RunConfig, load_experiment, run_with_seed
 from fedsim.data.partition import label_counts, label_skew
 from fedsim.errors import FedsimError
-from fedsim.results import print_table
+from fedsim.results import print_table, save_figure
 
 __all__ = ["partition_report", "heat_map"]
 
@@ -44,12 +44,7 @@ def heat_map(counts: np.ndarray, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="samples")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def partition_report(experiment: Experiment | str | Path, out: str | Path = "results",

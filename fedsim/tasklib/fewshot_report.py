@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedsim.results import print_table
+from fedsim.results import print_table, save_figure
 
 __all__ = ["PAPER", "report_fewshot", "ablation_rows"]
 
@@ -97,7 +97,4 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("Distribution calibration ablation (T = Tukey, * = base too; G = generated features)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

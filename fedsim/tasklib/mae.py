@@ -31,6 +31,7 @@ from fedsim.data import DataInfo, DatasetSplit
 from fedsim.errors import FedsimError
 from fedsim.models.mae import MAE, PRESETS, MAEConfig, masked_patch_loss
 from fedsim.models.masking import draw_masks, num_masked, sample_keys
+from fedsim.results import save_figure
 from fedsim.tasks import Batch, Task, eval_loader, make_optimizer, model_device, model_dtype, move_batch
 from fedsim.train import TrainState, fit, make_loader
 
@@ -334,12 +335,7 @@ class MAETask(Task):
         ratio = num_masked(cfg.num_patches, self.options.mask_ratio) / cfg.num_patches
         fig.suptitle(f"MAE {self.options.mask} {ratio:.0%} masked", fontsize=9)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(path)
-        return path
+        return save_figure(fig, path, dpi=100)
 
 
 def raw_pixel_logreg(split: DatasetSplit) -> float:

@@ -32,6 +32,7 @@ from fedsim.models.part_a import (
     ring_mode_coverage,
     sample_ring,
 )
+from fedsim.results import save_figure
 from fedsim.tasks import Batch, ExtraLoss, Optimizers, Task, eval_loader, make_optimizer, move_batch
 
 __all__ = [
@@ -418,9 +419,7 @@ class GANTask(Task):
             ax.set_aspect("equal")
         else:
             return None
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 # ---------------------------------------------------------------------------------------------
