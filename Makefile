@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/fedsim run $(MAIN_EXPERIMENT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/fedsim run $(MAIN_EXPERIMENT)
 
+# The venv's bin comes first on PATH: Flower and Ray start their helper programs by name.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -130,7 +130,7 @@ def _wait_ray_nodes(address: str, nodes: int, timeout: float, state: ClusterStat
         if dead:
             raise FedsimError(f"Ray node {dead[0].role} exited: {procs.log_tail(dead[0].log)}")
         result = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True,
-                                timeout=max(deadline - time.monotonic(), 5), env={**os.environ, **QUIET_ENV})
+                                timeout=max(deadline - time.monotonic(), 5), env=procs.child_env(QUIET_ENV))
         seen = (result.stdout.strip().splitlines() or ["0"])[-1]
         if seen.isdigit() and int(seen) >= nodes:
             return
@@ -223,7 +223,7 @@ def register_supernode(flwr_home: Path, public_key: Path, name: str, timeout: fl
     cmd = [_bin("flwr"), "supernode", "register", str(public_key), FLOWER_CONNECTION, "--name", name,
            "--format", "json"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)})
+                            env=procs.child_env({**QUIET_ENV, "FLWR_HOME": str(flwr_home)}))
     try:
         reply = json.loads(result.stdout[result.stdout.index("{"):])
     except ValueError:

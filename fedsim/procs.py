@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -78,13 +79,26 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment for a child, with this interpreter's ``bin`` first on PATH.
+
+    Ray, the SuperLink and the SuperNodes start helpers (``flower-superexec``, ``raylet``
+    wrappers) by name; when fedsim runs as ``.venv/bin/fedsim`` without an activated venv,
+    those names must still resolve to the same environment.
+    """
+    env = {**os.environ, **(extra or {})}
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
 def start(role: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, address: str = "",
           cwd: str | Path | None = None) -> ManagedProcess:
     """Start ``cmd`` in its own session, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
         proc = subprocess.Popen(list(cmd), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+                                env=child_env(env), start_new_session=True, cwd=cwd)
     return ManagedProcess(role=role, pid=proc.pid, log=str(log), address=address)
 
 

@@ -27,6 +27,8 @@ TASKS: dict[str, dict[str, Any]] = {
     "bn_cnn": {},
     "dual_head_vit": {"depth": 2, "dropout": 0.0},
     "mae": {"probe_epochs": 1, "finetune_epochs": 0, "plot_images": 0},
+    # The few-shot backbone (bn_cnn on base classes 0-4); a couple of episodes keep the end cheap.
+    "fewshot_dc": {"episodes": 2, "shots": [1], "queries": 3},
 }
 # MAE masks are keyed by (seed, sample index, epoch): across epochs a sample lands on another rank
 # and must still draw the central run's mask, so the MAE runs the same 2 epochs x 2 steps.

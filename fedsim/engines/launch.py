@@ -35,6 +35,7 @@ from fedsim.config import RunConfig, from_dict, to_dict
 from fedsim.distributed import check_port_free
 from fedsim.engines.common import RunContext
 from fedsim.errors import FedsimError
+from fedsim.procs import child_env
 
 __all__ = ["launch_torchrun", "torchrun_command", "run_with_timeout", "terminate_tree", "LAUNCH_SPEC"]
 
@@ -99,7 +100,7 @@ def run_with_timeout(cmd: Sequence[str], timeout_s: float, *, env: dict[str, str
 
     Output goes to this process's stdout/stderr. Returns the exit code; raises FedsimError on timeout.
     """
-    proc = subprocess.Popen(list(cmd), env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+    proc = subprocess.Popen(list(cmd), env=child_env(env), start_new_session=True, cwd=cwd)
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
