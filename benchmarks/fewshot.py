@@ -10,7 +10,7 @@ that common subset, where the two accuracies must agree within the 95% confidenc
 
 On a machine shared with other jobs the process CPU time is recorded next to the wall time.
 
-    python benchmarks/fewshot.py                                # CPU, 1 thread (~5-10 min)
+    python benchmarks/fewshot.py                                # CPU, 1 thread (a few minutes)
     python benchmarks/fewshot.py --device cuda --episodes 1000 --ref-episodes 20
     python benchmarks/fewshot.py --base base_features.plk --novel novel_features.plk
 
@@ -43,8 +43,8 @@ def timed(fn):  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--episodes", type=int, default=64, help="episodes for the batched torch path")
-    parser.add_argument("--ref-episodes", type=int, default=12, help="episodes for the per-episode reference")
+    parser.add_argument("--episodes", type=int, default=32, help="episodes for the batched torch path")
+    parser.add_argument("--ref-episodes", type=int, default=4, help="episodes for the per-episode reference")
     parser.add_argument("--episode-batch", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
