@@ -250,7 +250,7 @@ def test_task_runs_on_digits_backbone_and_on_files(tmp_path):
 
     train = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "progress": False,
              "checkpoint": False, "threads": 1}
-    options = {"episodes": 8, "shots": [1], "max_iter": 30}
+    options = {"episodes": 8, "shots": [1], "dc": {"max_iter": 30}}
     [digits] = fedsim.run({"name": "fs_digits", "task": "fewshot_dc", "train": train, "task_options": options},
                           out=str(tmp_path), quiet=True)
     assert digits["metrics"]["feature_dim"] == 128  # bn_cnn's blocks: 32 channels x 2 x 2

@@ -76,28 +76,9 @@ class FewShotDCOptions:
     """Episodes per K (accuracy is mean ± 95% CI over them)."""
     episode_seed: int = 0
     """Seed of the episodes (fixed across runs so that every Table 4 cell sees the same episodes)."""
-    tukey: bool = True
-    """Tukey's ladder of powers on support and query features."""
-    lam: float = 0.5
-    """Tukey's lambda (0 = log)."""
-    tukey_base: bool = False
-    """Also transform base features before their statistics (the reference code does not)."""
-    generate: bool = True
-    """Train the classifier on features drawn from the calibrated distributions too."""
-    k: int = 2
-    """Nearest base classes per support feature."""
-    alpha: float = 0.21
-    """Added to the calibrated covariance."""
-    alpha_mode: Literal["all", "identity"] = "all"
-    """``all``: alpha added to every entry (reference code); ``identity``: alpha * I."""
-    samples: int = 750
-    """Drawn features per class (floor(samples / K) per support feature)."""
-    C: float = 1.0
-    """Logistic regression inverse L2 strength (scikit-learn's C)."""
-    max_iter: int = 100
-    """L-BFGS iterations of the batched logistic regression."""
-    episode_batch: int = 16
-    """Episodes solved together."""
+    dc: DCConfig = field(default_factory=DCConfig)
+    """Distribution calibration settings (``task_options.dc = { tukey = false, generate = true, ... }``);
+    see :class:`fedsim.models.fewshot.DCConfig`. Its ``seed`` keys the drawn features per episode."""
     baseline: bool = True
     """Also score plain logistic regression (no Tukey, no generated features) on the same episodes."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -171,11 +152,8 @@ class FewShotDCTask(Task):
         self._novel: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- config of the calibration -------------------------------------------------------------
-    def dc_config(self, seed: int = 0) -> DCConfig:
-        o: FewShotDCOptions = self.options
-        return DCConfig(tukey=o.tukey, lam=o.lam, tukey_base=o.tukey_base, generate=o.generate, k=o.k,
-                        alpha=o.alpha, alpha_mode=o.alpha_mode, samples=o.samples, C=o.C, max_iter=o.max_iter,
-                        episode_batch=o.episode_batch, seed=seed)
+    def dc_config(self) -> DCConfig:
+        return self.options.dc
 
     # ---- data: base classes for the backbone, novel classes kept aside ---------------------------
     def prepare_data(self, split: DatasetSplit) -> DatasetSplit:

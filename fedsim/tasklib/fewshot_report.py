@@ -24,10 +24,11 @@ PAPER: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 def _cell(options: dict[str, Any]) -> tuple[str, str, str]:
     source = options.get("features", "backbone")
     source = {"backbone": f"digits ({options.get('backbone', 'bn_cnn')} backbone)"}.get(source, source)
-    tukey = "yes" if options.get("tukey", True) else "no"
-    if options.get("tukey", True) and options.get("tukey_base", False):
+    dc = options.get("dc", {})  # unset keys take DCConfig's defaults (Tukey and generation on)
+    tukey = "yes" if dc.get("tukey", True) else "no"
+    if dc.get("tukey", True) and dc.get("tukey_base", False):
         tukey = "yes (base too)"
-    return source, tukey, "yes" if options.get("generate", True) else "no"
+    return source, tukey, "yes" if dc.get("generate", True) else "no"
 
 
 def ablation_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
