@@ -4,6 +4,8 @@
 (b) ``local``: fedsim's ServerApp/ClientApp on the in-process grid, clients one after the other;
 (c) ``local_vectorised``: the same with ``federated.vectorise = true`` (torch.func);
 (d) ``flower``: the same apps on Flower's ``run_simulation`` (Ray actors, ``num_cpus = 1`` each);
+(f) ``floor``: not an engine — the same rounds' training FLOPs in one model's steps on the sampled
+clients' batches concatenated, plus the same evaluation: what no engine can beat per round here;
 optionally (e) ``local_pool``: the in-process grid with 2 worker processes.
 
 Workload (the comparison experiment's shape): ``bn_cnn`` on digits, IID partitions, 10 clients
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("bare", "local", "local_vectorised", "flower")
+ENGINES = ("bare", "local", "local_vectorised", "flower", "floor")
 WIDE_TASK = "benchmarks.federated_engines:WideMLPTask"
 
 
@@ -121,22 +123,31 @@ def run_config(args: argparse.Namespace, engine: str) -> Any:
     })
 
 
-def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
-    """(a) FedAvg in plain PyTorch: same data, partition, model, sampling and evaluation."""
+def plain_setup(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any, list[Any]]:
+    """Task, data, seeded model and each client's training indices, as fedsim's clients get them."""
     import torch
 
     from fedsim.data.partition import partition, split_holdout
     from fedsim.engines.common import build_model, load_task_data
-    from fedsim.engines.fed_rounds import sample_clients
     from fedsim.engines.flower_app import partition_labels
+
+    task, split = load_task_data(run)
+    model = build_model(task, split, run, torch.device("cpu"))
+    parts = partition(partition_labels(task, split), args.clients, "iid", seed=args.seed)
+    train_idx = [torch.as_tensor(split_holdout(p, 0.2, args.seed, pid)[0]) for pid, p in enumerate(parts)]
+    return task, split, model, train_idx
+
+
+def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
+    """(a) FedAvg in plain PyTorch: same data, partition, model, sampling and evaluation."""
+    import torch
+
+    from fedsim.engines.fed_rounds import sample_clients
     from fedsim.train import keyed_generator
 
     started = time.perf_counter()
-    task, split = load_task_data(run)
-    model = build_model(task, split, run, torch.device("cpu"))
+    task, split, model, train_idx = plain_setup(args, run)
     x_all, y_all = split.train.tensors  # type: ignore[attr-defined]
-    parts = partition(partition_labels(task, split), args.clients, "iid", seed=args.seed)
-    train_idx = [torch.as_tensor(split_holdout(p, 0.2, args.seed, pid)[0]) for pid, p in enumerate(parts)]
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     round_times, round_starts = [], []
     accuracy = 0.0
@@ -164,6 +175,47 @@ def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
                 new_state[k].add_(v.to(new_state[k].dtype), alpha=weight)
         global_state = {k: v.to(global_state[k].dtype) for k, v in new_state.items()}
         model.load_state_dict(global_state)
+        model.eval()
+        with torch.no_grad():
+            accuracy = task.evaluate(model, split.test, 512)["accuracy"]
+        round_times.append(time.perf_counter() - round_start)
+        round_cpu.append(tree_cpu_s() - cpu_start)
+    return {"startup_s": round_starts[0], "round_times": round_times, "round_cpu": round_cpu, "accuracy": accuracy,
+            "run_s": time.perf_counter() - started}
+
+
+def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
+    """(f) Not FedAvg: the round's arithmetic in the fewest, largest kernel calls, as a timing floor.
+
+    Each round takes the same sampled clients and batches as (a), but at every local step index
+    it makes ONE training step of one model on all the clients' batches of that index concatenated
+    (the same forward/backward FLOPs as the clients' steps, in the biggest kernels there can be),
+    then the same server-side test evaluation. Vectorising clients packs the same work into bigger
+    kernels, so its per-round time cannot be expected below this; the ratio floor / bare says how
+    far below the bare loop any engine can get on this machine. Its accuracy is not a FedAvg result.
+    """
+    import torch
+
+    from fedsim.engines.fed_rounds import sample_clients
+    from fedsim.train import keyed_generator
+
+    started = time.perf_counter()
+    task, split, model, train_idx = plain_setup(args, run)
+    x_all, y_all = split.train.tensors  # type: ignore[attr-defined]
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.train.lr)
+    round_times, round_cpu, round_starts, accuracy = [], [], [], 0.0
+    size = run.train.batch_size
+    for server_round in range(1, args.rounds + 1):
+        round_start, cpu_start = time.perf_counter(), tree_cpu_s()
+        round_starts.append(round_start - started)
+        orders = [train_idx[p][torch.randperm(len(train_idx[p]), generator=keyed_generator(args.seed, server_round, p))]
+                  for p in sample_clients(args.seed, server_round, args.clients, args.per_round)]
+        model.train()
+        for start in range(0, max(len(o) for o in orders), size):
+            batch = torch.cat([o[start:start + size] for o in orders])
+            optimizer.zero_grad(set_to_none=True)
+            task.loss(model, (x_all[batch], y_all[batch])).backward()
+            optimizer.step()
         model.eval()
         with torch.no_grad():
             accuracy = task.evaluate(model, split.test, 512)["accuracy"]
@@ -213,7 +265,8 @@ def child_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     run = run_config(args, args.child)
-    result = bare_fedavg(args, run) if args.child == "bare" else fedsim_engine(args, run)
+    runners = {"bare": bare_fedavg, "floor": compute_floor}
+    result = runners.get(args.child, fedsim_engine)(args, run)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -314,7 +367,7 @@ def summarise(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
         where = f"{task}, {clients} clients"
 
         def check(name: str, value: float, op: str, target: float, where: str = where) -> None:
-            ok = value <= target if op == "<=" else value >= target
+            ok = None if op == "info" else value <= target if op == "<=" else value >= target
             checks.append({"where": where, "target": name, "value": round(value, 3), "op": op, "goal": target,
                            "holds": ok})
 
@@ -332,6 +385,13 @@ def summarise(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
                   flower["median_round_cpu_s"] / local["median_round_cpu_s"], ">=", 4.0)
             check("flower / local end to end, CPU s (load-robust)",
                   flower["total_cpu_s"] / local["total_cpu_s"], ">=", 3.0)
+        floor = row(task, clients, "floor")
+        if flower and bare:  # context: no engine doing the bare loop's work beats the bare loop
+            check("(context) flower / bare per round: the most 'flower / local' can be at local = bare",
+                  flower["median_round_s"] / bare["median_round_s"], "info", 0.0)
+        if floor and bare:
+            check("(context) compute floor / bare per round: the least 'vectorised / bare' can be",
+                  floor["median_round_s"] / bare["median_round_s"], "info", 0.0)
         if vec and bare and clients == 100:
             check("vectorised / bare per round", vec["median_round_s"] / bare["median_round_s"], "<=", 0.5)
             if bare["median_round_cpu_s"] and vec["median_round_cpu_s"]:
@@ -355,6 +415,9 @@ def print_report(table: list[dict[str, Any]], checks: list[dict[str, Any]]) -> N
         print(line(r))
     print()
     for c in checks:
+        if c["holds"] is None:
+            print(f"INFO    {c['where']}: {c['target']} = {c['value']}")
+            continue
         print(f"{'HOLDS' if c['holds'] else 'MISSES'}  {c['where']}: {c['target']} = {c['value']} "
               f"(target {c['op']} {c['goal']})")
 

@@ -9,28 +9,35 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from fedsim.checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:  # imported where used: `fedsim --help` and every other command work without it
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 DEFAULT_HOSTS = ("localhost", *(f"127.0.0.{i}" for i in range(1, 10)))
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _name(common_name: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsim"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _san(host: str) -> x509.GeneralName:
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -39,6 +46,10 @@ def _san(host: str) -> x509.GeneralName:
 
 def make_certificates(folder: str | Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365) -> dict[str, Path]:
     """Write ``ca.crt``, ``ca.key``, ``server.pem`` and ``server.key`` (PEM) into ``folder``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     folder = Path(folder)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedsim.errors import ConfigError
+from strategies.codec_averaging import with_codec_averaging
 from strategies.fednova import FedNova
 from strategies.scaffold import Scaffold
 from strategies.state import get_strategy_state, set_strategy_state
@@ -48,13 +49,15 @@ __all__ = [
 ]
 
 # Name -> factory (a Strategy class). Explicit, so `fedsim list` and error messages can show them.
+# The FedAvg family's weighted average reads reply arrays through fedsim's codec (same arithmetic,
+# bit-identical; see strategies/codec_averaging.py); the robust aggregators decode as Flower does.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
+    "fedavg": with_codec_averaging(FedAvg),
+    "fedprox": with_codec_averaging(FedProx),
+    "fedavgm": with_codec_averaging(FedAvgM),
+    "fedadam": with_codec_averaging(FedAdam),
+    "fedyogi": with_codec_averaging(FedYogi),
+    "fedadagrad": with_codec_averaging(FedAdagrad),
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,

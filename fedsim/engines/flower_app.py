@@ -42,6 +42,7 @@ from fedsim.config import RunConfig, from_dict, to_dict
 from fedsim.data import DatasetSplit
 from fedsim.data.partition import partition, split_holdout
 from fedsim.engines import fed_fewshot
+from fedsim.engines.array_codec import record_to_numpy, record_to_tensors, tensors_to_record
 from fedsim.engines.common import build_model, load_task_data
 from fedsim.engines.fed_rounds import (
     CLIENT_STATE_KEY,
@@ -167,13 +168,22 @@ def _threads(run: RunConfig) -> None:
         torch.set_num_threads(wanted)
 
 
-def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.items()}
-
-
 def _load(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:
-    numpy_arrays = _numpy(arrays) if isinstance(arrays, ArrayRecord) else arrays
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in numpy_arrays.items()}, strict=True)
+    """Copy received arrays into ``model``'s parameters and buffers (casting dtypes, as load_state_dict does).
+
+    ``load_state_dict`` walks the module tree with hooks and per-module bookkeeping, which costs
+    more than a small client's whole training step; for fedsim's plain models a copy per tensor is
+    the same thing. Anything unusual (missing or extra names, other shapes) goes through
+    ``load_state_dict`` so its error message is the one users see.
+    """
+    tensors = record_to_tensors(arrays)  # views of the message's bytes; copied below
+    targets = model.state_dict(keep_vars=True)
+    if tensors.keys() != targets.keys() or any(targets[k].shape != v.shape for k, v in tensors.items()):
+        model.load_state_dict(tensors, strict=True)
+        return
+    with torch.no_grad():
+        for name, value in tensors.items():
+            targets[name].copy_(value)
 
 
 def _counted(batches: Any, counter: list[int]) -> Iterator[Batch]:
@@ -205,7 +215,7 @@ def train(msg: Message, context: Context) -> Message:
     _threads(run)
     data = client_data(run)
     model, task, fed = data.model, data.task, run.federated
-    global_params = _numpy(msg.content["arrays"])
+    global_params = record_to_numpy(msg.content["arrays"])  # decoded once: loaded here, read by FedProx/SCAFFOLD
     _load(model, global_params)
     state_in = msg.content[CLIENT_STATE_KEY] if CLIENT_STATE_KEY in msg.content else None
     algorithm = client_algorithm(msg.content, model, global_params, state_in)  # type: ignore[arg-type]
@@ -235,7 +245,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, Any] = {"num-examples": len(indices), "samples": counter[0], "local-steps": state.step}
     if history and "train_loss" in history[-1]:
         metrics["loss"] = float(history[-1]["train_loss"])
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": tensors_to_record(model.state_dict()), "metrics": MetricRecord(metrics)})
     for key, record in extra_records.items():
         content[key] = record
     if state_out is not None:

@@ -66,10 +66,8 @@ def copy_records(records: RecordDict) -> RecordDict:
     """A copy of ``records`` that shares only immutable payloads (each ``Array.data`` is ``bytes``)."""
     out = RecordDict()
     for key, record in records.items():
-        if isinstance(record, ArrayRecord):
-            new: Any = record.copy()  # a new mapping; then a new Array object per entry
-            for name, arr in record.items():
-                new[name] = fp.copy_array(arr)
+        if isinstance(record, ArrayRecord):  # a new mapping of new Array objects over the same bytes
+            new: Any = fp.array_record_of({name: fp.copy_array(arr) for name, arr in record.items()})
         elif isinstance(record, MetricRecord):
             new = MetricRecord({k: _copy_value(v) for k, v in record.items()})
         elif isinstance(record, ConfigRecord):

@@ -220,9 +220,10 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
     Reproduces :func:`fedsim.engines.flower_app.train` for plain local SGD: same partition, same
     batch order (``make_loader`` keyed by the client seed), same reply records and metrics.
     """
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
 
     from fedsim.engines import flower_app as fa
+    from fedsim.engines.array_codec import record_to_tensors, tensors_to_record
     from fedsim.engines.fed_rounds import CLIENT_STATE_KEY, FAIL_KEY, RUN_KEY
     from fedsim.train import derive_seed, make_loader
 
@@ -255,7 +256,7 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
         seed = derive_seed(run.train.seed, "client", server_round, pid)
         indices = data.train_idx[pid]
         counts.append(len(indices))
-        starts.append(message.content["arrays"].to_torch_state_dict())
+        starts.append(record_to_tensors(message.content["arrays"]))  # views; stacked (copied) below
         if fed.local_steps > 0:
             endless = itertools.chain.from_iterable(
                 make_loader(data.split.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
@@ -270,7 +271,7 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
         metrics: dict[str, Any] = {"num-examples": count, "samples": result.samples, "local-steps": result.steps}
         if result.epoch_losses:
             metrics["loss"] = float(result.epoch_losses[-1])
-        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(metrics)})
+        content = RecordDict({"arrays": tensors_to_record(result.state), "metrics": MetricRecord(metrics)})
         replies.append(Message(content, reply_to=message))
     return replies
 
