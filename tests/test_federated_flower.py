@@ -130,11 +130,12 @@ def test_flwr_run_stream_runs_the_app(tmp_path: Path, repo_root: str) -> None:
 
 @pytest.mark.slow
 def test_central_vs_federated_experiment_file(tmp_path: Path, repo_root: str) -> None:
-    """The README's experiment, shrunk by overrides: runs on Flower, shares one simulation, writes table + PNG."""
+    """The README's experiment, shrunk, on Flower's simulation: shares one simulation, writes table + PNG."""
     from fedsim.cli import main
 
     experiment = Path(repo_root) / "experiments" / "central_vs_federated.toml"
-    code = main(["run", str(experiment), "--out", str(tmp_path), "--set", "seeds=[0]", "--set", "train.epochs=1",
+    code = main(["run", str(experiment), "--out", str(tmp_path), "--set", "federated.engine=flower",
+                 "--set", "seeds=[0]", "--set", "train.epochs=1",
                  "--set", "federated.rounds=2", "--set", "federated.num_clients=6",
                  "--set", "federated.clients_per_round=3", "--only", "central", "--only", "fedavg-iid",
                  "--only", "fedprox-dir0.1"])

@@ -242,6 +242,8 @@ def train(msg: Message, context: Context) -> Message:
     history = fit(task, state, local_cfg, batches_for_epoch, extra_loss=algorithm.extra_loss,
                   show_progress=False, epoch_offset=max(server_round - 1, 0) * local_cfg.epochs)
     extra_records, state_out = algorithm.finish(state.step, run.train.lr)
+    for optimizer in optimizers.values():  # the gradients are done with: free them before the reply is built
+        optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, Any] = {"num-examples": len(indices), "samples": counter[0], "local-steps": state.step}
     if history and "train_loss" in history[-1]:
         metrics["loss"] = float(history[-1]["train_loss"])
