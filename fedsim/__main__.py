@@ -3,4 +3,6 @@
 from fedsim.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fedsim.distributed import exit_process
+
+    exit_process(main())  # under torchrun: tear the process group down, then leave (see its docstring)

@@ -19,14 +19,16 @@ Public API (small on purpose; the DDP, pipeline and gossip engines share it):
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,7 @@ from fedsim.errors import FedsimError
 
 __all__ = [
     "DistEnv", "read_env", "under_launcher", "init_distributed", "shutdown_distributed", "distributed_session",
+    "exit_process",
     "wrap_ddp", "DataParallelModel", "all_reduce_mean", "broadcast_object", "parameters_in_sync",
     "check_port_free",
 ]
@@ -194,6 +197,27 @@ def _teardown_at_exit() -> None:
             shutdown_distributed()
         except Exception:  # noqa: BLE001 - exiting anyway; a peer that died is torchrun's to report
             pass
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a ``python -m`` entry point: under a process group, tear it down and leave without finalising.
+
+    A torchrun worker that finished its run (results written) occasionally aborted while the
+    interpreter finalised — gloo's C++ threads outliving the Python objects they refer to
+    ("terminate called without an active exception", SIGABRT; the same race pytorch/pytorch#179291
+    describes) — and torchrun then reported the whole run as failed. Tearing the group down while
+    the interpreter is whole and leaving with ``os._exit`` skips that finalisation; output streams
+    and logging are flushed first. Without a process group this is ``sys.exit(code)``.
+    """
+    if not _Session.created:
+        sys.exit(code)
+    try:
+        _teardown_at_exit()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @contextmanager

@@ -201,4 +201,6 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(worker_main())
+    from fedsim.distributed import exit_process
+
+    exit_process(worker_main())  # tear the process group down, then leave without finalising
