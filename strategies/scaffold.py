@@ -18,12 +18,13 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedsim.engines.array_codec import arrays_to_record, record_to_numpy
 from strategies import math as fm
 
 CONTROL_KEY = "scaffold-control"
@@ -34,12 +35,9 @@ DELTA_CONTROL_KEY = "scaffold-delta-control"
 __all__ = ["Scaffold", "CONTROL_KEY", "DELTA_CONTROL_KEY", "to_numpy", "to_record"]
 
 
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+# Records <-> NumPy through fedsim's codec (read-only views in, np.save's bytes out).
+to_numpy = record_to_numpy
+to_record = arrays_to_record
 
 
 class Scaffold(FedAvg):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
+
+from fedsim.engines.array_codec import arrays_to_record
 
 # Attributes that carry state across rounds in Flower 1.42's strategies and in ours.
 STATE_ATTRIBUTES: tuple[str, ...] = ("current_arrays", "momentum_vector", "m_t", "v_t", "control")
@@ -36,7 +38,7 @@ def _decode(value: Any) -> Any:
     if value is None:
         return None
     if "__arrayrecord__" in value:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value["__arrayrecord__"].items()})
+        return arrays_to_record(value["__arrayrecord__"])
     if "__dict__" in value:
         return {k: np.array(v, copy=True) for k, v in value["__dict__"].items()}
     return [np.array(v, copy=True) for v in value["__list__"]]

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedsim.engines import flower_private as fp
 
 __all__ = ["array_to_numpy", "record_to_numpy", "record_to_tensors", "ndarray_to_array", "tensor_to_array",
-           "tensors_to_record", "weighted_average"]
+           "tensors_to_record", "arrays_to_record", "weighted_average"]
 
 _MAGIC = b"\x93NUMPY"
 _DECODED: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -103,6 +103,11 @@ def tensor_to_array(tensor: torch.Tensor) -> Array:
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """``ArrayRecord(state_dict)`` with the same arrays, faster (see :func:`ndarray_to_array`)."""
     return fp.array_record_of({name: tensor_to_array(tensor) for name, tensor in tensors.items()})
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` of NumPy arrays, each made C-contiguous first (strategy state, control variates)."""
+    return fp.array_record_of({name: ndarray_to_array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
 def weighted_average(records: Sequence[RecordDict], weighting_metric_name: str) -> ArrayRecord:
