@@ -402,10 +402,11 @@ def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
     if job.resume and out.checkpoint_path.exists():
         progress = _restore(job, strategy, loop)
     else:
-        arrays = ArrayRecord(model.state_dict())
-        record = {"round": 0, **{f"test_{k}": v for k, v in evaluate(arrays).items()},
+        # Straight into progress: a local name would keep the initial arrays alive for the whole run.
+        progress = _Progress(tensors_to_record(model.state_dict()), [])
+        record = {"round": 0, **{f"test_{k}": v for k, v in evaluate(progress.arrays).items()},
                   "bytes_total": 0.0, "samples_total": 0.0}
-        progress = _Progress(arrays, [record])
+        progress.history.append(record)
         out.reset_metrics()
         out.log(record)
     loop.connect(grid)
