@@ -279,6 +279,7 @@ class TreeRSS(threading.Thread):
         import psutil
 
         self.root = psutil.Process(pid)
+        self.root_cmdline = self.root.cmdline()
         self.peak = 0
         self.cpu: dict[int, float] = {}  # pid -> last seen user + system seconds
         self.stop = threading.Event()
@@ -294,6 +295,10 @@ class TreeRSS(threading.Thread):
                 break
             for proc in procs:
                 try:
+                    if proc is not self.root and proc.cmdline() == self.root_cmdline:
+                        # A fork that has not exec'd yet (subprocess starting `git` for the run's
+                        # summary): its resident pages are the parent's, counted once already.
+                        continue
                     total += proc.memory_info().rss
                     times = proc.cpu_times()
                     self.cpu[proc.pid] = times.user + times.system
