@@ -138,24 +138,47 @@ def plain_setup(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any, list
     return task, split, model, train_idx
 
 
-def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
-    """(a) FedAvg in plain PyTorch: same data, partition, model, sampling and evaluation."""
+def timed_rounds(args: argparse.Namespace, run: Any, train_round: Any) -> dict[str, Any]:
+    """Time ``args.rounds`` rounds of ``train_round`` plus the server's test evaluation, as (a) and (f) need.
+
+    ``train_round(server_round, sampled, model, task, x_all, y_all, train_idx)`` trains the sampled
+    clients and leaves the round's global model in ``model``; this evaluates it on the test split.
+    """
     import torch
 
     from fedsim.engines.fed_rounds import sample_clients
-    from fedsim.train import keyed_generator
 
     started = time.perf_counter()
     task, split, model, train_idx = plain_setup(args, run)
     x_all, y_all = split.train.tensors  # type: ignore[attr-defined]
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    round_times, round_starts = [], []
-    accuracy = 0.0
-    round_cpu = []
+    round_times, round_cpu, round_starts, accuracy = [], [], [], 0.0
     for server_round in range(1, args.rounds + 1):
         round_start, cpu_start = time.perf_counter(), tree_cpu_s()
         round_starts.append(round_start - started)
         sampled = sample_clients(args.seed, server_round, args.clients, args.per_round)
+        train_round(server_round, sampled, model, task, x_all, y_all, train_idx)
+        model.eval()
+        with torch.no_grad():
+            accuracy = task.evaluate(model, split.test, 512)["accuracy"]
+        round_times.append(time.perf_counter() - round_start)
+        round_cpu.append(tree_cpu_s() - cpu_start)
+    return {"startup_s": round_starts[0], "round_times": round_times, "round_cpu": round_cpu, "accuracy": accuracy,
+            "run_s": time.perf_counter() - started}
+
+
+def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
+    """(a) FedAvg in plain PyTorch: same data, partition, model, sampling and evaluation."""
+    import torch
+
+    from fedsim.train import keyed_generator
+
+    global_state: dict[str, Any] = {}
+
+    def train_round(server_round: int, sampled: list[int], model: Any, task: Any, x_all: Any, y_all: Any,
+                    train_idx: list[Any]) -> None:
+        nonlocal global_state
+        if not global_state:
+            global_state = {k: v.clone() for k, v in model.state_dict().items()}
         total = sum(len(train_idx[p]) for p in sampled)
         new_state = {k: torch.zeros_like(v, dtype=v.dtype if v.is_floating_point() else torch.float64)
                      for k, v in global_state.items()}
@@ -175,13 +198,8 @@ def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
                 new_state[k].add_(v.to(new_state[k].dtype), alpha=weight)
         global_state = {k: v.to(global_state[k].dtype) for k, v in new_state.items()}
         model.load_state_dict(global_state)
-        model.eval()
-        with torch.no_grad():
-            accuracy = task.evaluate(model, split.test, 512)["accuracy"]
-        round_times.append(time.perf_counter() - round_start)
-        round_cpu.append(tree_cpu_s() - cpu_start)
-    return {"startup_s": round_starts[0], "round_times": round_times, "round_cpu": round_cpu, "accuracy": accuracy,
-            "run_s": time.perf_counter() - started}
+
+    return timed_rounds(args, run, train_round)
 
 
 def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
@@ -196,33 +214,26 @@ def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
     """
     import torch
 
-    from fedsim.engines.fed_rounds import sample_clients
     from fedsim.train import keyed_generator
 
-    started = time.perf_counter()
-    task, split, model, train_idx = plain_setup(args, run)
-    x_all, y_all = split.train.tensors  # type: ignore[attr-defined]
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.train.lr)
-    round_times, round_cpu, round_starts, accuracy = [], [], [], 0.0
+    optimizers: list[Any] = []
     size = run.train.batch_size
-    for server_round in range(1, args.rounds + 1):
-        round_start, cpu_start = time.perf_counter(), tree_cpu_s()
-        round_starts.append(round_start - started)
+
+    def train_round(server_round: int, sampled: list[int], model: Any, task: Any, x_all: Any, y_all: Any,
+                    train_idx: list[Any]) -> None:
+        if not optimizers:
+            optimizers.append(torch.optim.SGD(model.parameters(), lr=run.train.lr))
+        optimizer = optimizers[0]
         orders = [train_idx[p][torch.randperm(len(train_idx[p]), generator=keyed_generator(args.seed, server_round, p))]
-                  for p in sample_clients(args.seed, server_round, args.clients, args.per_round)]
+                  for p in sampled]
         model.train()
         for start in range(0, max(len(o) for o in orders), size):
             batch = torch.cat([o[start:start + size] for o in orders])
             optimizer.zero_grad(set_to_none=True)
             task.loss(model, (x_all[batch], y_all[batch])).backward()
             optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            accuracy = task.evaluate(model, split.test, 512)["accuracy"]
-        round_times.append(time.perf_counter() - round_start)
-        round_cpu.append(tree_cpu_s() - cpu_start)
-    return {"startup_s": round_starts[0], "round_times": round_times, "round_cpu": round_cpu, "accuracy": accuracy,
-            "run_s": time.perf_counter() - started}
+
+    return timed_rounds(args, run, train_round)
 
 
 def fedsim_engine(args: argparse.Namespace, run: Any) -> dict[str, Any]:

@@ -88,24 +88,10 @@ CHILDREN: list[subprocess.Popen[str]] = []
 
 
 def kill_tree(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL ``proc``, its session and every descendant (torchrun puts workers in sessions of their own)."""
-    import signal
+    """Stop ``proc``, its session and every descendant at once (torchrun puts workers in sessions of their own)."""
+    from fedsim.engines.launch import terminate_tree
 
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        family = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for child in family:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
+    terminate_tree(proc, grace_s=0.0)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
