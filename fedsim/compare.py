@@ -20,7 +20,7 @@ from typing import Any
 
 from fedsim.checkpoint import atomic_write_json, atomic_write_text
 from fedsim.errors import FedsimError
-from fedsim.results import format_mean_std, mean_std, print_table, save_figure
+from fedsim.results import format_mean_std, markdown_table, mean_std, print_table, save_figure
 
 __all__ = ["load_summaries", "comparison", "write_comparison", "report", "COLUMNS"]
 
@@ -157,12 +157,6 @@ def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy") ->
             "metric": metric}
 
 
-def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -222,7 +216,7 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *
             f"and not in any run's wall time: {startup:.1f} s in total.\n" if startup else "")
     if note:
         print(note.strip())
-    atomic_write_text(out_dir / "comparison.md", _markdown(table["columns"], table["rows"]) + note)
+    atomic_write_text(out_dir / "comparison.md", markdown_table(table["columns"], table["rows"]) + note)
     atomic_write_json(out_dir / "comparison.json", {"columns": table["columns"], "rows": table["rows"],
                                                     "numbers": table["numbers"], "threshold": table["threshold"]})
     png = _plot(table, out_dir / "comparison.png", f"{title}: test {metric}")

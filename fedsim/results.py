@@ -124,6 +124,13 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     return capture.get()
 
 
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (the ``.md`` files experiment reports write)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [float(v) for v in values]
     if not values:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedsim.results import print_table, save_figure
+from fedsim.checkpoint import atomic_write_text
+from fedsim.results import markdown_table, print_table, save_figure
 
 __all__ = ["PAPER", "report_fewshot", "ablation_rows"]
 
@@ -68,9 +69,7 @@ def report_fewshot(experiment: Any, summaries: list[dict[str, Any]], root: Path)
     print_table(f"{experiment.name}: Table 4 ablation (accuracy %, mean ± 95% CI over episodes)", columns, table)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in table]
-    (root / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(root / "table.md", markdown_table(columns, table))
     _plot(rows, root / "fewshot_dc.png")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedsim.results import mean_std, print_table, save_figure
+from fedsim.checkpoint import atomic_write_text
+from fedsim.results import markdown_table, mean_std, print_table, save_figure
 
 __all__ = ["PAPER", "report_masking", "masking_rows"]
 
@@ -76,9 +77,7 @@ def report_masking(experiment: Any, summaries: list[dict[str, Any]], root: Path)
     print_table(f"{experiment.name}: MAE masking on digits (mean ± std over {seeds} seeds)", columns, table)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in table]
-    (root / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(root / "table.md", markdown_table(columns, table))
     _plot(rows, root / "accuracy_vs_mask.png", experiment.name)
 
 
