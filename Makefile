@@ -22,10 +22,12 @@ run: setup
 # The venv's bin comes first on PATH: Flower and Ray start their helper programs by name.
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done

@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 def _batches(run: RunConfig, dataset: Any, batch: int, rank: int, world: int, count: int) -> list[Any]:
     """``count`` batches of this rank (the central permutation, interleaved across ranks)."""
-    from fedsim.engines.ddp import rank_shard
+    from fedsim.engines.parallel.data_parallel import rank_shard
 
     out: list[Any] = []
     epoch = 0
@@ -68,7 +68,7 @@ def _time_steps(task: Any, model: Any, optimizers: Any, batches: list[Any], sync
     """Median seconds per step over ``batches`` (robust to other load on a shared machine)."""
     from contextlib import nullcontext
 
-    from fedsim.tasks import move_batch
+    from fedsim.tasks import TaskContext, move_batch
 
     times = []
     for batch in batches:
@@ -77,7 +77,7 @@ def _time_steps(task: Any, model: Any, optimizers: Any, batches: list[Any], sync
             torch.cuda.synchronize()
         start = time.perf_counter()
         with context:
-            task.train_step(model, move_batch(batch, model), optimizers)
+            task.train_step(model, move_batch(batch, model), optimizers, context=TaskContext())
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -118,8 +118,8 @@ def run_config(args: argparse.Namespace, engine: str) -> Any:
                   "seed": args.seed},
         "federated": {"engine": "flower" if engine == "flower" else "local", "num_clients": args.clients,
                       "clients_per_round": args.per_round, "rounds": args.rounds, "local_epochs": 1,
-                      "strategy": "fedavg", "partition": "iid", "num_cpus": 1.0,
-                      "vectorise": engine == "local_vectorised", "workers": 2 if engine == "local_pool" else 0},
+                      "strategy": "fedavg", "partition": "iid", "cpus_per_client": 1.0,
+                      "vectorise": engine == "local_vectorised", "worker_processes": 2 if engine == "local_pool" else 0},
     })
 
 
@@ -127,13 +127,12 @@ def plain_setup(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any, list
     """Task, data, seeded model and each client's training indices, as fedsim's clients get them."""
     import torch
 
-    from fedsim.data.partition import partition, split_holdout
+    from fedsim.data.partition import partition, partition_labels, split_holdout
     from fedsim.engines.common import build_model, load_task_data
-    from fedsim.engines.flower_app import partition_labels
 
     task, split = load_task_data(run)
     model = build_model(task, split, run, torch.device("cpu"))
-    parts = partition(partition_labels(task, split), args.clients, "iid", seed=args.seed)
+    parts = partition(partition_labels(split.train.tensors[1]), args.clients, "iid", seed=args.seed)
     train_idx = [torch.as_tensor(split_holdout(p, 0.2, args.seed, pid)[0]) for pid, p in enumerate(parts)]
     return task, split, model, train_idx
 
@@ -146,7 +145,7 @@ def timed_rounds(args: argparse.Namespace, run: Any, train_round: Any) -> dict[s
     """
     import torch
 
-    from fedsim.engines.fed_rounds import sample_clients
+    from fedsim.engines.federated.rounds import sample_clients
 
     started = time.perf_counter()
     task, split, model, train_idx = plain_setup(args, run)
@@ -239,7 +238,7 @@ def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
 def fedsim_engine(args: argparse.Namespace, run: Any) -> dict[str, Any]:
     """(b)-(e): fedsim's Flower apps through ``run_federated`` on the chosen transport."""
     from fedsim.engines.common import RunContext
-    from fedsim.engines.federated import run_federated
+    from fedsim.engines.federated.engine import run_federated
     from fedsim.results import RunDir
 
     class TimedRunDir(RunDir):
@@ -271,7 +270,7 @@ def child_main(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import fedsim.engines.local_grid  # noqa: F401 - same imports (torch, flwr, fedsim) for every engine
+    import fedsim.engines.federated.local.grid  # noqa: F401 - same imports (torch, flwr, fedsim) for every engine
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

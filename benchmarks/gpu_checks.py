@@ -89,7 +89,7 @@ CHILDREN: list[subprocess.Popen[str]] = []
 
 def kill_tree(proc: subprocess.Popen[str]) -> None:
     """Stop ``proc``, its session and every descendant at once (torchrun puts workers in sessions of their own)."""
-    from fedsim.engines.launch import terminate_tree
+    from fedsim.engines.parallel.launch import terminate_tree
 
     terminate_tree(proc, grace_s=0.0)
 
@@ -151,9 +151,9 @@ def cmd_env(args: argparse.Namespace) -> None:
     import importlib
 
     modules = ["fedsim", "fedsim.cli", "fedsim.experiment", "fedsim.distributed", "fedsim.engines.central",
-               "fedsim.engines.ddp", "fedsim.engines.launch", "fedsim.engines.pipeline",
-               "fedsim.engines.pipeline_split", "fedsim.nn.sync_batchnorm", "fedsim.models.mae",
-               "fedsim.tasklib.mae", "fedsim.models.fewshot", "torch.distributed.pipelining"]
+               "fedsim.engines.parallel.data_parallel", "fedsim.engines.parallel.launch", "fedsim.engines.parallel.pipeline",
+               "fedsim.engines.parallel.pipeline_split", "fedsim.nn.sync_batchnorm", "fedsim.models.mae",
+               "fedsim.tasks.mae", "fedsim.models.fewshot", "torch.distributed.pipelining"]
     bad = []
     for name in modules:
         try:
@@ -343,7 +343,7 @@ PIPE_STEPS = 3
 def reference_state(run: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Single-process gradient accumulation over the pipeline's microbatches (tests/test_pipeline_equivalence)."""
     from fedsim.engines.common import build_model, load_task_data
-    from fedsim.engines.pipeline import FullBatches
+    from fedsim.engines.parallel.pipeline import FullBatches
     from fedsim.tasks import move_batch
     from fedsim.train import configure_torch, make_loader
 

@@ -2,7 +2,7 @@
 
 A stack of ``layers`` equal blocks (Linear(width, width) + Tanh; the first takes the 64 digit
 features, the last adds a 10-way head) is pipelined with the engine's own
-:func:`fedsim.engines.pipeline.build_pipeline` (the balanced split gives every stage the same
+:func:`fedsim.engines.parallel.pipeline.build_pipeline` (the balanced split gives every stage the same
 number of blocks). For each stage count S one ``torchrun`` job with S processes times every
 (schedule, m) pair on the same global batch: ``warmup`` steps, then ``reps`` steps, each between
 two barriers; the median is the step time.
@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `python benchmar
 
 from fedsim.config import RunConfig, from_dict  # noqa: E402
 from fedsim.data import DataInfo  # noqa: E402
-from fedsim.engines.pipeline import build_pipeline, ideal_efficiency  # noqa: E402
+from fedsim.engines.parallel.pipeline import build_pipeline, ideal_efficiency  # noqa: E402
 from fedsim.results import save_figure  # noqa: E402
 from fedsim.tasks import Batch, Task  # noqa: E402
 

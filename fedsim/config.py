@@ -4,15 +4,23 @@ An experiment file holds experiment keys (``name``, ``description``, ``seeds``, 
 ``report``) and, at top level, defaults for every run (any :class:`RunConfig` field). Each
 ``[[runs]]`` table overrides those defaults. Unknown keys, wrong types and missing files raise
 :class:`ConfigError` naming the file, the key and the value (the CLI exits 2).
+
+Every run is then checked against the range and cross-field rules of :func:`run_violations` (counts
+>= 1, fractions in [0, 1], finite positive learning rates, ``clients_per_round <= num_clients``, ...)
+before anything runs; the rules that need the task or the data live in :mod:`fedsim.validation`.
+Renamed keys (:data:`RENAMED_KEYS`) are still read, with a one-line warning on stderr.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import sys
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -140,8 +148,10 @@ class PipelineConfig:
 class FederatedConfig:
     """Federated rounds (Flower ServerApp/ClientApp and strategies)."""
 
-    engine: Literal["flower", "local"] = "flower"
-    """``flower`` = Flower's run_simulation; ``local`` = fedsim's in-process Grid."""
+    engine: Literal["flower", "local"] = "local"
+    """``local`` (default) = fedsim's in-process Grid: the same ServerApp/ClientApp and strategies with
+    no Ray, proven equal to Flower's simulation (tests/test_local_grid_equality.py); ``flower`` =
+    Flower's own ``run_simulation`` (Ray actors, ``cpus_per_client`` / ``gpus_per_client`` each)."""
     num_clients: int = 10
     """Number of clients (partitions / SuperNodes)."""
     clients_per_round: int = 0
@@ -151,9 +161,10 @@ class FederatedConfig:
     rounds: int = 5
     """Server rounds."""
     local_epochs: int = 1
-    """Local epochs per round (ignored when ``local_steps`` > 0)."""
+    """Local epochs (passes over the client's training samples) per round; ignored when ``local_steps`` > 0."""
     local_steps: int = 0
-    """If > 0, local SGD steps per round instead of epochs."""
+    """Local SGD steps per round; 0 = count whole passes instead (``local_epochs`` of them), as
+    ``decentralized.local_steps``, where 0 is one pass."""
     strategy: str = "fedavg"
     """Strategy name from the ``strategies`` registry."""
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -170,12 +181,13 @@ class FederatedConfig:
     """Seeded fraction of sampled clients that fail each round (simulated dropouts)."""
     straggler_fraction: float = 0.0
     """Seeded fraction of sampled clients dropped as too slow each round."""
-    num_cpus: float = 1.0
-    """Flower client resources: CPUs per simulated client."""
-    num_gpus: float = 0.0
-    """Flower client resources: GPUs per simulated client."""
-    workers: int = 0
-    """Local engine: worker processes (0 = sequential in-process)."""
+    cpus_per_client: float = 1.0
+    """CPUs per simulated client (Flower's ``client_resources``; also the client's torch threads when
+    ``train.threads`` is 0). Was ``num_cpus``."""
+    gpus_per_client: float = 0.0
+    """GPUs per simulated client (Flower's ``client_resources``). Was ``num_gpus``."""
+    worker_processes: int = 0
+    """Local engine: client worker processes (0 = sequential in this process). Was ``workers``."""
     vectorise: bool = False
     """Local engine: train sampled clients at once with torch.func (tasks that allow it)."""
     reply_timeout_s: float = 600.0
@@ -191,7 +203,7 @@ class ParameterServerConfig:
     variant: Literal["sync", "async"] = "sync"
     """sync = average all W gradients per step; async = apply each on arrival."""
     workers: int = 2
-    """Worker actors W."""
+    """Worker actors W (Ray actors, one gradient each per step)."""
     steps: int = 50
     """Server steps (sync) or total gradient applications (async); 0 = ``train.epochs`` passes over the data."""
     ray_address: str = ""
@@ -200,8 +212,9 @@ class ParameterServerConfig:
     """Ray resources per worker."""
     gpus_per_worker: float = 0.0
     """Ray GPUs per worker (gradients are computed on the worker's device)."""
-    num_cpus: int = 0
-    """CPUs of the local Ray the engine starts; 0 = every core (ignored with ``ray_address``)."""
+    ray_num_cpus: int = 0
+    """Total CPUs of the local Ray the engine starts; 0 = every core (ignored with ``ray_address``).
+    Was ``num_cpus``."""
     shards: str = "strided"
     """strided = worker k takes every W-th sample of each epoch's shared order (DistributedSampler; sync
     equals large-batch central); or a partitioner (iid, dirichlet, shards, quantity_skew): fixed shards."""
@@ -222,7 +235,8 @@ class DecentralizedConfig:
     rounds: int = 10
     """Gossip rounds."""
     local_steps: int = 1
-    """Local SGD steps between averaging steps (0 = one pass over the node's partition)."""
+    """Local SGD steps between averaging steps; 0 = count whole passes instead (one pass over the
+    node's partition per round), as ``federated.local_steps``."""
     backend: Literal["inprocess", "torch_distributed"] = "inprocess"
     """Simulated nodes in one process, or one torch.distributed process per node."""
     partition: str = "iid"
@@ -331,11 +345,65 @@ def _coerce(tp: Any, value: Any, file: str, key: str) -> Any:
     raise TypeError(f"config annotation {tp!r} at {key} is not supported")  # programming error
 
 
+# ---- renamed keys -------------------------------------------------------------------------------
+RENAMED_KEYS: dict[type, dict[str, tuple[str, str]]] = {
+    FederatedConfig: {
+        "num_cpus": ("cpus_per_client", "CPUs of each simulated client, not of the whole run"),
+        "num_gpus": ("gpus_per_client", "GPUs of each simulated client"),
+        "workers": ("worker_processes", "client processes of the local engine; parameter_server.workers are Ray actors"),
+    },
+    ParameterServerConfig: {
+        "num_cpus": ("ray_num_cpus", "total CPUs of the local Ray; federated.cpus_per_client is per client"),
+    },
+}
+"""Section -> old key -> (new key, what the new name says). The old names are still read: from
+experiment files, dicts and ``--set`` with a warning (:func:`experiment_from_dict`), silently from
+code and from old ``summary.json`` files (:func:`from_dict`)."""
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def rename_deprecated(cls: type, table: dict[str, Any], file: str = "<code>", prefix: str = "",
+                      warn: bool = False) -> dict[str, Any]:
+    """A copy of ``table`` (a ``cls`` table, sub-tables included) with renamed keys under their new names.
+
+    With ``warn``, each old name prints one line on stderr (``DeprecationWarning`` is hidden by default
+    and ``warnings.warn`` takes two lines). Old and new name together are a :class:`ConfigError`.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(table, dict):
+        return table
+    hints = typing.get_type_hints(cls)
+    renames = RENAMED_KEYS.get(cls, {})
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in renames:
+            new, meaning = renames[key]
+            if new in table:
+                raise ConfigError(file, _join(prefix, key), value,
+                                  f"renamed to '{_join(prefix, new)}', which is also given; keep only the new name")
+            if warn:
+                print(f"fedsim: warning: {file}: key '{_join(prefix, key)}' is deprecated; use "
+                      f"'{_join(prefix, new)}' ({meaning})", file=sys.stderr)
+            key = new
+        tp = hints.get(key)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = rename_deprecated(tp, value, file, _join(prefix, key), warn)
+        out[key] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], file: str = "<code>", prefix: str = "") -> T:
-    """Build frozen dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build frozen dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+
+    Renamed keys (:data:`RENAMED_KEYS`) are read under their new names without a warning (code and
+    old ``summary.json`` files); :func:`experiment_from_dict` warns about them in experiment files.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
+    data = rename_deprecated(cls, data, file, prefix) if cls in RENAMED_KEYS else data
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
@@ -347,6 +415,189 @@ def from_dict(cls: type[T], data: dict[str, Any], file: str = "<code>", prefix: 
 def to_dict(obj: Any) -> dict[str, Any]:
     """Plain-dict view of a config dataclass (for summaries and for shipping to workers)."""
     return dataclasses.asdict(obj)
+
+
+# ---- rules: ranges and cross-field checks, run before anything starts -----------------------------
+Violation = tuple[str, Any, str]
+"""(dotted key, value, reason) of a broken rule."""
+
+_INT_MIN: dict[str, int] = {
+    "train.epochs": 0, "train.batch_size": 1, "train.eval_batch_size": 1, "train.step_size": 1,
+    "train.max_steps": 0, "train.seed": 0, "train.threads": 0,
+    "data.split_seed": 0,
+    "ddp.nproc": 1, "ddp.nnodes": 1, "ddp.max_restarts": 0, "ddp.timeout_s": 1, "ddp.fail_at_step": -1,
+    "ddp.fail_rank": -1,
+    "pipeline.stages": 1, "pipeline.microbatches": 1, "pipeline.virtual_stages": 1, "pipeline.dp": 1,
+    "pipeline.timeout_s": 1,
+    "federated.num_clients": 1, "federated.clients_per_round": 0, "federated.rounds": 1,
+    "federated.local_epochs": 0, "federated.local_steps": 0, "federated.shards_per_client": 1,
+    "federated.worker_processes": 0,
+    "parameter_server.workers": 1, "parameter_server.steps": 0, "parameter_server.ray_num_cpus": 0,
+    "decentralized.degree": 1, "decentralized.nodes": 1, "decentralized.rounds": 1,
+    "decentralized.local_steps": 0, "decentralized.timeout_s": 1,
+}
+"""Integer keys -> smallest allowed value (``train.epochs = 0``: an evaluate-only run; -1: off)."""
+
+_OPEN, _CLOSED = False, True
+_FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
+    "train.lr": (0.0, _OPEN, math.inf, _OPEN),
+    "train.momentum": (0.0, _CLOSED, 1.0, _OPEN),
+    "train.weight_decay": (0.0, _CLOSED, math.inf, _OPEN),
+    "train.gamma": (0.0, _OPEN, math.inf, _OPEN),
+    "data.test_fraction": (0.0, _CLOSED, 1.0, _OPEN),
+    "ddp.cpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.fraction_fit": (0.0, _OPEN, 1.0, _CLOSED),
+    "federated.alpha": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.client_test_fraction": (0.0, _CLOSED, 1.0, _OPEN),
+    "federated.dropout_fraction": (0.0, _CLOSED, 1.0, _CLOSED),
+    "federated.straggler_fraction": (0.0, _CLOSED, 1.0, _CLOSED),
+    "federated.cpus_per_client": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.gpus_per_client": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.reply_timeout_s": (0.0, _OPEN, math.inf, _OPEN),
+    "parameter_server.cpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
+    "parameter_server.gpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
+    "parameter_server.alpha": (0.0, _OPEN, math.inf, _OPEN),
+    "decentralized.alpha": (0.0, _OPEN, math.inf, _OPEN),
+}
+"""Float keys -> (low, low included, high, high included); every float must also be finite."""
+
+_STRATEGY_OPTION_RANGE: dict[str, tuple[float, bool, float, bool]] = {
+    "server_learning_rate": (0.0, _OPEN, math.inf, _OPEN),
+    "eta": (0.0, _OPEN, math.inf, _OPEN),
+    "eta_l": (0.0, _OPEN, math.inf, _OPEN),
+    "tau": (0.0, _OPEN, math.inf, _OPEN),
+    "proximal_mu": (0.0, _CLOSED, math.inf, _OPEN),
+    "server_momentum": (0.0, _CLOSED, 1.0, _OPEN),
+    "beta_1": (0.0, _CLOSED, 1.0, _OPEN),
+    "beta_2": (0.0, _CLOSED, 1.0, _OPEN),
+    "beta": (0.0, _CLOSED, 0.5, _OPEN),
+    "num_malicious_nodes": (0.0, _CLOSED, math.inf, _OPEN),
+}
+"""Numeric ``federated.strategy_options`` (server learning rates, FedProx's mu, FedOpt's betas,
+FedTrimmedAvg's trimmed fraction, Krum's malicious nodes) -> allowed range."""
+
+
+def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _out_of_range(value: Any, low: float, low_in: bool, high: float, high_in: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return True
+    return value < low or (value == low and not low_in) or value > high or (value == high and not high_in)
+
+
+def _get(run: RunConfig, dotted: str) -> Any:
+    section, _, name = dotted.partition(".")
+    return getattr(getattr(run, section), name)
+
+
+def _range_violations(run: RunConfig) -> Iterator[Violation]:
+    for key, least in _INT_MIN.items():
+        value = _get(run, key)
+        if value < least:
+            off = " (-1 = off)" if least == -1 else ""
+            yield key, value, f"must be >= {least}{off}"
+    for key, bounds in _FLOAT_RANGE.items():
+        value = _get(run, key)
+        if _out_of_range(value, *bounds):
+            why = " (NaN and infinity are not numbers to train with)" if not math.isfinite(value) else ""
+            yield key, value, f"must be {_interval(*bounds)}{why}"
+    for name, value in run.federated.strategy_options.items():
+        key = f"federated.strategy_options.{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            yield key, value, "must be a finite number"
+        if name in _STRATEGY_OPTION_RANGE and _out_of_range(value, *_STRATEGY_OPTION_RANGE[name]):
+            yield key, value, f"must be {_interval(*_STRATEGY_OPTION_RANGE[name])}"
+
+
+def _sampled_per_round(fed: FederatedConfig) -> int:
+    # As fedsim.engines.federated.rounds.num_sampled (the round loop's own rule).
+    return fed.clients_per_round if fed.clients_per_round > 0 else max(1, int(fed.fraction_fit * fed.num_clients))
+
+
+def _faulty(fraction: float, k: int) -> int:
+    # As fedsim.engines.federated.rounds.simulated_faults: round(f * k), at least one when f > 0.
+    return 0 if fraction <= 0 else max(1, int(round(fraction * k)))
+
+
+def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
+    if fed.clients_per_round > fed.num_clients:
+        yield ("federated.clients_per_round", fed.clients_per_round,
+               f"more than federated.num_clients = {fed.num_clients}: a round cannot sample more clients than "
+               f"there are (0 = federated.fraction_fit of them)")
+    if fed.local_epochs < 1 and fed.local_steps < 1:
+        yield ("federated.local_epochs", fed.local_epochs,
+               "clients would not train: federated.local_steps is 0 too (set local_epochs >= 1 or local_steps >= 1)")
+    total = fed.dropout_fraction + fed.straggler_fraction
+    if total > 1:
+        yield ("federated.dropout_fraction", fed.dropout_fraction,
+               f"dropout_fraction + straggler_fraction = {total:g} > 1: more clients would fail than are sampled")
+    k = _sampled_per_round(fed)
+    dropped = min(_faulty(fed.dropout_fraction, k), k)
+    slow = min(_faulty(fed.straggler_fraction, k), k - dropped)
+    if total <= 1 and k - dropped - slow < 1:
+        key, value = (("federated.dropout_fraction", fed.dropout_fraction) if fed.dropout_fraction > 0
+                      else ("federated.straggler_fraction", fed.straggler_fraction))
+        yield (key, value, f"of the {k} client(s) sampled per round {dropped} drop out and {slow} straggle (each "
+                           f"fraction rounds to at least one client): no round would have a reply to aggregate")
+
+
+def _pipeline_violations(run: RunConfig) -> Iterator[Violation]:
+    # As fedsim.engines.parallel.pipeline_split.check_schedule (minus the WORLD_SIZE check).
+    cfg = run.pipeline
+    if cfg.schedule in ("1f1b", "interleaved_1f1b") and cfg.microbatches < cfg.stages:
+        yield ("pipeline.microbatches", cfg.microbatches,
+               f"{cfg.schedule} needs at least as many microbatches as stages ({cfg.stages})")
+    if cfg.schedule == "interleaved_1f1b":
+        if cfg.virtual_stages < 2:
+            yield "pipeline.virtual_stages", cfg.virtual_stages, "interleaved_1f1b needs at least 2 virtual stages per rank"
+        rounds = max(1, cfg.microbatches // cfg.stages)
+        if cfg.microbatches % rounds:
+            yield ("pipeline.microbatches", cfg.microbatches,
+                   f"interleaved_1f1b needs a multiple of {rounds} (microbatches // stages)")
+    elif cfg.virtual_stages != 1:
+        yield ("pipeline.virtual_stages", cfg.virtual_stages,
+               f"only interleaved_1f1b runs several stages per rank; schedule is '{cfg.schedule}'")
+    if run.mode == "pipeline" and run.train.batch_size % cfg.microbatches:
+        yield ("train.batch_size", run.train.batch_size,
+               f"not divisible by pipeline.microbatches = {cfg.microbatches} (each microbatch must have the same size)")
+
+
+def _ddp_violations(ddp: DDPConfig) -> Iterator[Violation]:
+    if ddp.rdzv_endpoint:
+        host, sep, port = ddp.rdzv_endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            yield "ddp.rdzv_endpoint", ddp.rdzv_endpoint, "expected HOST:PORT"
+
+
+def run_violations(run: RunConfig) -> Iterator[Violation]:
+    """Every broken range or cross-field rule of ``run``, ranges first (so a cross-field message never
+    quotes an out-of-range value).
+
+    Every section is checked, whatever the run's mode: defaults pass, and an out-of-range value in a
+    section this run does not use is still a typo (the section is often shared by other runs). Rules
+    that tie a section to another one's values (``train.batch_size`` vs ``pipeline.microbatches``)
+    apply only in the mode that uses both. Rules that need a registry, the task or the data (partition
+    sizes, topologies, strategy names) are :mod:`fedsim.validation`'s.
+    """
+    yield from _range_violations(run)
+    yield from _federated_violations(run.federated)
+    yield from _pipeline_violations(run)
+    yield from _ddp_violations(run.ddp)
+
+
+def _written_key(key: str, table: dict[str, Any], index: int | None) -> str:
+    """``runs[i].key`` when the run's own table sets ``key``, else ``key`` (a top-level default, --set,
+    or a built-in default)."""
+    node: Any = table
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return key
+        node = node[part]
+    return key if index is None else f"runs[{index}].{key}"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -381,13 +632,20 @@ def _set_path(table: dict[str, Any], path: list[str], value: Any) -> None:
 def experiment_from_dict(
     raw: dict[str, Any], file: str = "<code>", overrides: list[str] | tuple[str, ...] = (), default_name: str = ""
 ) -> Experiment:
-    """Validate a parsed experiment table (see module docstring) and apply ``--set`` overrides."""
+    """Validate a parsed experiment table (see module docstring) and apply ``--set`` overrides.
+
+    Each run is checked against :func:`run_violations`; the first broken rule raises
+    :class:`ConfigError` naming the key as written (``runs[1].federated.alpha`` when the run's own
+    table sets it). Renamed keys are read under their new names with a warning on stderr.
+    """
     raw = copy.deepcopy(raw)
     run_overrides: dict[str, Any] = {}
     for text in overrides:
         path, value = parse_override(text)
         _set_path(raw if path[0] in EXPERIMENT_KEYS else run_overrides, path, value)
-    defaults = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
+    run_overrides = rename_deprecated(RunConfig, run_overrides, "--set", warn=True)
+    defaults = rename_deprecated(RunConfig, {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}, file,
+                                 warn=True)
     from_dict(RunConfig, defaults, file)  # top-level mistakes are reported under their own key
     run_tables = raw.get("runs", [{}])
     if not isinstance(run_tables, list) or not all(isinstance(r, dict) for r in run_tables):
@@ -395,11 +653,21 @@ def experiment_from_dict(
     name = raw.get("name", default_name or "experiment")
     runs = []
     for index, table in enumerate(run_tables):
+        prefix = f"runs[{index}]" if "runs" in raw else ""
+        table = rename_deprecated(RunConfig, table, file, prefix, warn=True)
         merged = deep_merge(deep_merge(defaults, table), run_overrides)
         merged.setdefault("name", table.get("name") or (name if len(run_tables) == 1 else f"run{index}"))
         merged["source"] = file
-        runs.append(from_dict(RunConfig, merged, file, f"runs[{index}]" if "runs" in raw else ""))
+        run = from_dict(RunConfig, merged, file, prefix)
+        for key, value, reason in run_violations(run):
+            raise ConfigError(file, _written_key(key, table, index if "runs" in raw else None), value, reason)
+        runs.append(run)
     seeds = _coerce(tuple[int, ...], raw.get("seeds", []), file, "seeds")
+    for index, seed in enumerate(seeds):
+        if seed < 0:
+            raise ConfigError(file, f"seeds[{index}]", seed, "must be >= 0")
+        if seed in seeds[:index]:
+            raise ConfigError(file, f"seeds[{index}]", seed, "repeated: each seed would write the same run folder")
     for key in ("name", "description"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(file, key, raw[key], "expected a string")

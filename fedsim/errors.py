@@ -19,3 +19,10 @@ class ConfigError(FedsimError):
 
 class UnsupportedError(FedsimError):
     """A task asked to run in a mode it cannot run in (e.g. a GAN under a pipeline split)."""
+
+
+class RunFailedError(FedsimError):
+    """A run that went wrong while training (NaN or infinite loss, a federated round in which every
+    sampled client failed). What was already computed stays on disk; the CLI exits with code 1."""
+
+    exit_code = 1

@@ -13,13 +13,14 @@ from fedsim.engines.common import RunContext
 from fedsim.errors import FedsimError
 from fedsim.registry import import_object
 from fedsim.results import RunDir, plot_curves, summary_table
+from fedsim.validation import validate_experiment
 
 # Experiment-level reports beyond the generic table (``report.kind`` in the experiment file).
 REPORTS: dict[str, str] = {
-    "mae_masking": "fedsim.tasklib.mae_report:report_masking",
-    "central_vs_federated": "fedsim.compare:report",
-    "topologies": "fedsim.topology_report:report_topologies",
-    "fewshot_dc": "fedsim.tasklib.fewshot_report:report_fewshot",
+    "mae_masking": "fedsim.reports.mae:report_masking",
+    "central_vs_federated": "fedsim.reports.compare:report",
+    "topologies": "fedsim.reports.topologies:report_topologies",
+    "fewshot_dc": "fedsim.reports.fewshot:report_fewshot",
 }
 
 
@@ -59,6 +60,7 @@ def run_experiment(
     runs = [r for r in experiment.runs if not only or r.name in only]
     if only and not runs:
         raise FedsimError(f"no run named {', '.join(only)} in {experiment.source}")
+    validate_experiment(experiment, runs)  # the checks that need the task or the data, before any run starts
     root = Path(out) / experiment.name
     summaries: list[dict[str, Any]] = []
     repeated = bool(experiment.seeds)

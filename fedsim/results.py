@@ -40,8 +40,13 @@ class RunDir:
         return self.root / name
 
     def reset_metrics(self) -> None:
-        """A fresh (non-resumed) run starts a fresh metrics file."""
+        """A fresh (or re-logged resumed) run starts a fresh metrics file.
+
+        A ``summary.json`` left by an earlier run goes too: until this run writes its own, a run that
+        fails must not leave a summary claiming success next to its metrics.
+        """
         self.metrics_path.unlink(missing_ok=True)
+        self.summary_path.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line (one epoch, round or step)."""
@@ -81,8 +86,12 @@ def git_commit() -> str:
     return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
-def make_summary(run: Any, metrics: dict[str, Any], *, started: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``summary.json`` of a run: final metrics, resolved config, versions and commit."""
+def make_summary(run: Any, metrics: dict[str, Any], *, primary_metric: str, started: float,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``summary.json`` of a run: final metrics, resolved config, versions and commit.
+
+    ``primary_metric`` is the metric tables lead with (the task's ``Task.primary_metric``).
+    """
     from fedsim.config import to_dict
 
     return {
@@ -90,6 +99,7 @@ def make_summary(run: Any, metrics: dict[str, Any], *, started: float, extra: di
         "task": run.task,
         "mode": run.mode,
         "seed": run.train.seed,
+        "primary_metric": primary_metric,
         "metrics": metrics,
         "wall_time_s": time.time() - started,
         "config": to_dict(run),
@@ -106,18 +116,27 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Print a rich table and return its plain-text form (for logs and tests)."""
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = 200,
+                justify: Sequence[str] = (), compact: bool = False) -> str:
+    """Print a rich table at ``width`` columns and return its plain-text form (for logs and tests).
+
+    ``justify`` gives each column's alignment ("left", "right", ...; default left); ``compact`` draws
+    no vertical rules (two characters less per column).
+    """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    table = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, pad_edge=not compact,
+                  padding=(0, 0) if compact else (0, 1))
+    for i, column in enumerate(columns):
+        # A compact table keeps each cell on one line (headers may wrap): rows stay one line each.
+        table.add_column(column, justify=justify[i] if i < len(justify) else "left",  # type: ignore[arg-type]
+                         no_wrap=compact)
     rows = [[format_value(v) for v in row] for row in rows]
     for row in rows:
         table.add_row(*row)
-    console = Console(width=200)
+    console = Console(width=width)
     console.print(table)
     with console.capture() as capture:
         console.print(table)
@@ -145,27 +164,89 @@ def format_mean_std(values: Sequence[float]) -> str:
     return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {std:.4f}"
 
 
-def summary_table(summaries: Sequence[dict[str, Any]], title: str = "results", metrics: Sequence[str] | None = None) -> str:
-    """One row per run name; metrics as mean ± std over seeds when a run has several."""
+MISSING = "–"
+"""What a table shows for a figure a run does not have."""
+
+SUMMARY_WIDTH = 120
+"""Terminal columns the generic table must fit without wrapping."""
+
+
+def _primary(summaries: Sequence[dict[str, Any]]) -> str:
+    """The metric a group of runs leads with: the summaries' ``primary_metric``, else accuracy, else loss."""
+    for summary in summaries:
+        name = summary.get("primary_metric")
+        if name and isinstance(summary["metrics"].get(name), (int, float)):
+            return str(name)
+    for name in ("accuracy", "loss"):
+        if any(isinstance(s["metrics"].get(name), (int, float)) for s in summaries):
+            return name
+    return next((k for s in summaries for k, v in s["metrics"].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)), "")
+
+
+def _numbers(group: Sequence[dict[str, Any]], get: Any) -> list[float]:
+    values = []
+    for summary in group:
+        value = get(summary)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values.append(float(value))
+    return values
+
+
+def _short(name: str, limit: int) -> str:
+    """``name`` cut in the middle to ``limit`` characters (run names differ at both ends: keep both)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[len(name) - (limit - 1 - head):]
+
+
+def summary_table(summaries: Sequence[dict[str, Any]], title: str = "results", metrics: Sequence[str] | None = None,
+                  width: int = SUMMARY_WIDTH) -> str:
+    """The table ``fedsim run`` prints first: one row per run name, mean ± std over its seeds.
+
+    Columns: run, mode, seeds, the task's primary metric (``metrics`` names others instead), then a
+    few figures in human units: MB of model traffic (federated), samples processed, wall time in
+    seconds. Every other figure stays in each run's ``summary.json``; runs without a figure show "–".
+    The table fits ``width`` columns (long run names are shortened in the middle).
+    """
     groups: dict[str, list[dict[str, Any]]] = {}
     for summary in summaries:
         groups.setdefault(summary["name"], []).append(summary)
     if metrics is None:
-        seen: dict[str, None] = {}
-        for summary in summaries:
-            for key, value in summary["metrics"].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    seen.setdefault(key, None)
-        metrics = list(seen)
+        primaries = {_primary(group) for group in groups.values()} - {""}
+        shared = len(primaries) == 1
+        metrics = sorted(primaries)[:1] if shared else []
+    else:
+        shared = True
+    columns = ["run", "mode", "seeds", *(metrics if shared else ["main metric"]), "MB sent", "samples", "wall s"]
     rows = []
     for name, group in groups.items():
-        row: list[Any] = [name, group[0]["task"], group[0]["mode"], len(group)]
-        for key in metrics:
-            values = [s["metrics"][key] for s in group if isinstance(s["metrics"].get(key), (int, float))]
-            row.append(format_mean_std(values) if values else "-")
-        row.append(format_mean_std([s["wall_time_s"] for s in group]))
+        row: list[Any] = [name, group[0]["mode"], len(group)]
+        keys = list(metrics) if shared else [_primary(group)]
+        for key in keys:
+            values = _numbers(group, lambda s, key=key: s["metrics"].get(key))
+            text = format_mean_std(values) if values else MISSING
+            row.append(text if shared or not values else f"{key} {text}")
+        sent = _numbers(group, lambda s: s["metrics"].get("bytes_total"))
+        samples = _numbers(group, lambda s: s["metrics"].get("samples_total"))
+        wall = _numbers(group, lambda s: s.get("wall_time_s"))
+        row.append(f"{mean_std(sent)[0] / 1e6:,.1f}" if sent else MISSING)
+        row.append(f"{mean_std(samples)[0]:,.0f}" if samples else MISSING)
+        row.append(_seconds(wall) if wall else MISSING)
         rows.append(row)
-    return print_table(title, ["run", "task", "mode", "seeds", *metrics, "wall s"], rows)
+    # Whatever the run names, the other columns have a bounded width: the names get the rest.
+    widest = [max([len(str(c))] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+    budget = width - 3 * len(columns) - 1 - sum(widest[1:])
+    limit = max(12, min(widest[0], budget, 40))
+    for row in rows:
+        row[0] = _short(str(row[0]), limit)
+    return print_table(title, columns, rows, width=width, justify=["left", "left", *(["right"] * (len(columns) - 2))])
+
+
+def _seconds(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:,.1f}" if len(values) < 2 else f"{mean:,.1f} ± {std:.1f}"
 
 
 def plot_curves(

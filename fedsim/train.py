@@ -8,23 +8,58 @@ instead — the loop's only branch, as in torchtitan's ``forward_backward_step``
 
 from __future__ import annotations
 
-import hashlib
-import random
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedsim.config import TrainConfig
-from fedsim.tasks import Batch, ExtraLoss, Task, move_batch
+from fedsim.errors import RunFailedError
+from fedsim.seeding import derive_seed, epoch_permutation, keyed_generator, seed_everything
 
-StepFn = Callable[[Batch], dict[str, float]]
+Batch = tuple[torch.Tensor, torch.Tensor]
+Optimizers = dict[str, torch.optim.Optimizer]
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+StepFn = Callable[[Batch, "TaskContext"], dict[str, float]]
 EpochHook = Callable[["TrainState", dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What an engine tells a task about where it runs, passed to the task's hooks (never set on it).
+
+    The loop advances ``epoch``; engines fill in the rest. Re-exported as ``fedsim.tasks.TaskContext``.
+    """
+
+    epoch: int = 0
+    """Epoch of the shared loop plus the engine's offset (a federated client adds the epochs of
+    earlier rounds): tasks key per-sample random draws (MAE masks) by it."""
+    run_dir: Path | None = None
+    """The run's results folder where the task may write figures; None where nothing is written
+    (ranks other than 0, federated clients)."""
+    rank: int = 0
+    """Rank of this process among ``world_size`` (data-parallel ranks, pipeline stages, gossip nodes)."""
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the model's parameters are."""
+
+    def at_epoch(self, epoch: int) -> TaskContext:
+        return dataclasses.replace(self, epoch=epoch)
+
+
+class SteppedTask(Protocol):
+    """What the loop needs of a task (:class:`fedsim.tasks.Task` provides it); the loop sits below
+    the tasks, so it names the one method it calls rather than importing them."""
+
+    def train_step(self, model: nn.Module, batch: Batch, optimizers: Optimizers,
+                   extra_loss: ExtraLoss | None = None, *, context: TaskContext) -> dict[str, float]: ...
 
 __all__ = [
     "TrainState", "fit", "train_one_epoch", "make_loader", "epoch_permutation", "seed_everything", "derive_seed",
@@ -32,35 +67,26 @@ __all__ = [
 ]
 
 
-# ---- randomness -------------------------------------------------------------------------------
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed that depends only on ``keys`` (e.g. (seed, epoch), (seed, round, partition)).
-
-    Hash-based rather than ``seed + offset`` so that neighbouring keys give unrelated streams.
-    """
-    digest = hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
 
 
-def keyed_generator(*keys: int | str) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(derive_seed(*keys))
-    return generator
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (model init and dropout draw from these)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def move_batch(batch: Batch, model: nn.Module) -> Batch:
+    """Inputs to the model's device and (floating) dtype; integer targets keep their dtype."""
+    x, y = batch
+    device, dtype = model_device(model), model_dtype(model)
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
+    return x, y
 
-
-def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """The order of the training data in ``epoch``: a function of (seed, epoch) only, so a resumed
-    run and every engine see the same order."""
-    if not shuffle:
-        return list(range(n))
-    return torch.randperm(n, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
 
 class TensorBatches:
@@ -175,7 +201,7 @@ def _progress(enabled: bool) -> Any:
 def train_one_epoch(
     state: TrainState,
     batches: Iterable[Batch],
-    step_fn: StepFn,
+    step_fn: Callable[[Batch], dict[str, float]],
     *,
     max_steps: int = 0,
     on_step: Callable[[int], None] | None = None,
@@ -189,6 +215,13 @@ def train_one_epoch(
         size = len(batch[0])
         metrics = step_fn(batch)
         state.step += 1
+        diverged = {k: v for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)}
+        if diverged:
+            # Training on would only spread NaNs into checkpoints and averages: stop here, keeping the
+            # epochs already logged and checkpointed.
+            name, value = next(iter(diverged.items()))
+            raise RunFailedError(f"the training {name} became {value} at step {state.step} (epoch {state.epoch + 1}); "
+                                 "lower train.lr or check the data")
         seen += size
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + float(value) * size
@@ -198,11 +231,12 @@ def train_one_epoch(
 
 
 def fit(
-    task: Task,
+    task: SteppedTask,
     state: TrainState,
     train: TrainConfig,
     batches_for_epoch: Callable[[int], Iterable[Batch]],
     *,
+    context: TaskContext,
     epochs: int | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     step_fn: StepFn | None = None,
@@ -219,18 +253,21 @@ def fit(
     ----------
     batches_for_epoch: the batches of one epoch, given its index (engines choose shard/order).
     evaluate: metrics after each epoch (recorded with a ``test_`` prefix); None to skip.
-    step_fn: replaces the default ``task.train_step`` (the pipeline schedule step).
+    context: where the run is (run folder, rank, device); each epoch's steps get it with ``epoch``
+        set to ``epoch_offset + epoch``. Required, so an engine cannot forget to tell the task.
+    step_fn: replaces the default ``task.train_step`` (the pipeline schedule step); called as
+        ``step_fn(batch, epoch_context)``.
     extra_loss: added to the task loss by the default step (FedProx's proximal term).
     on_epoch_end: called with the state and the epoch record (checkpointing, logging).
-    epoch_offset: added to the epoch index in :attr:`Task.epoch` (a federated client passes the
+    epoch_offset: added to the epoch index in ``context.epoch`` (a federated client passes the
         epochs of earlier rounds so that per-epoch random draws differ from round to round).
     """
     epochs = train.epochs if epochs is None else epochs
     model = state.model
 
-    def default_step(batch: Batch) -> dict[str, float]:
+    def default_step(batch: Batch, epoch_context: TaskContext) -> dict[str, float]:
         model.train()
-        return task.train_step(model, move_batch(batch, model), state.optimizers, extra_loss)
+        return task.train_step(model, move_batch(batch, model), state.optimizers, extra_loss, context=epoch_context)
 
     step = step_fn or default_step
     history: list[dict[str, Any]] = []
@@ -240,7 +277,7 @@ def fit(
     try:
         for epoch in range(state.epoch, epochs):
             started = time.perf_counter()
-            task.epoch = epoch_offset + epoch
+            epoch_context = context.at_epoch(epoch_offset + epoch)
             batches = batches_for_epoch(epoch)
             bar = None
             if progress is not None:
@@ -253,7 +290,8 @@ def fit(
                 if on_step is not None:
                     on_step(global_step)
 
-            train_metrics = train_one_epoch(state, batches, step, max_steps=train.max_steps, on_step=advance)
+            train_metrics = train_one_epoch(state, batches, lambda batch, c=epoch_context: step(batch, c),
+                                            max_steps=train.max_steps, on_step=advance)
             for scheduler in state.schedulers.values():
                 scheduler.step()
             state.epoch = epoch + 1

@@ -5,7 +5,7 @@ decodes every reply's ``.npy`` payloads with ``Array.numpy()``, which parses eac
 ``ast.literal_eval``: for a small model that is most of the server's time per round. The classes
 built here are the Flower classes themselves with one method placed in front of
 ``FedAvg.aggregate_train`` in the MRO; it does what that method does, operation for operation,
-with :func:`fedsim.engines.array_codec.weighted_average` in place of ``aggregate_arrayrecords``
+with :func:`fedsim.wire.array_codec.weighted_average` in place of ``aggregate_arrayrecords``
 (bit-identical results: ``tests/test_array_codec.py``). Everything else is Flower's.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.engines.array_codec import weighted_average
+from fedsim.wire.array_codec import weighted_average
 
 __all__ = ["CodecAveraging", "with_codec_averaging"]
 

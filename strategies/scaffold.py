@@ -24,7 +24,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedsim.engines.array_codec import arrays_to_record, record_to_numpy
+from fedsim.wire.array_codec import arrays_to_record, record_to_numpy
 from strategies import math as fm
 
 CONTROL_KEY = "scaffold-control"

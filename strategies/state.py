@@ -14,7 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.engines.array_codec import arrays_to_record
+from fedsim.wire.array_codec import arrays_to_record
 
 # Attributes that carry state across rounds in Flower 1.42's strategies and in ours.
 STATE_ATTRIBUTES: tuple[str, ...] = ("current_arrays", "momentum_vector", "m_t", "v_t", "control")

@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import strategy as flower_strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedsim.engines import flower_private as fp
-from fedsim.engines.array_codec import (
+from fedsim.wire import flower_private as fp
+from fedsim.wire.array_codec import (
     record_to_numpy,
     record_to_tensors,
     tensors_to_record,

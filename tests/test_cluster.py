@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim import procs
-from fedsim.certs import make_certificates
+from fedsim.ops import procs
+from fedsim.ops.certs import make_certificates
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ import psutil
 import pytest
 import torch
 
-from fedsim import procs
 from fedsim.checkpoint import load_checkpoint
-from fedsim.cluster import FLOWER_CONNECTION, ClusterState
+from fedsim.ops import procs
+from fedsim.ops.cluster import FLOWER_CONNECTION, ClusterState
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ num_clients = 2
 rounds = 2
 partition = "dirichlet"
 alpha = 1.0
-num_cpus = 1.0
+cpus_per_client = 1.0
 """
 
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
@@ -113,7 +113,7 @@ def finish(process: subprocess.Popen[str], out: Path, timeout: float = 480) -> s
 def test_flwr_run_on_two_tls_supernodes_matches_the_simulation(deployment: dict[str, Any]) -> None:
     from fedsim.config import load_experiment, run_with_seed
     from fedsim.engines.common import RunContext
-    from fedsim.engines.federated import run_federated
+    from fedsim.engines.federated.engine import run_federated
     from fedsim.results import RunDir
 
     config = (deployment["state_dir"] / "flwr-home" / "config.toml").read_text()
@@ -183,7 +183,7 @@ def test_authenticated_supernode_connects_and_an_unregistered_one_is_refused(tmp
         assert "--enable-supernode-auth" in " ".join(psutil.Process(link.pid).cmdline())
         wait_for_line(Path(link.log), f"Activated node_id={registered}", 120)
         # A SuperNode with a key the SuperLink never registered is refused.
-        from fedsim.cluster import _supernode_keys
+        from fedsim.ops.cluster import _supernode_keys
 
         key = _supernode_keys(tmp_path / "stranger", 1)[0]
         stranger = procs.start("stranger", [

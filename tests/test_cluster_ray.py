@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import torch
 
-from fedsim import procs
 from fedsim.checkpoint import load_checkpoint
-from fedsim.cluster import ClusterState
+from fedsim.ops import procs
+from fedsim.ops.cluster import ClusterState
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ engine = "flower"
 num_clients = 2
 rounds = 2
 partition = "iid"
-num_cpus = 2.0
+cpus_per_client = 2.0
 """
 
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedsim.config import RunConfig, from_dict
 from fedsim.distributed import check_port_free, read_env, under_launcher
-from fedsim.engines.ddp import rank_shard, validate_ddp
+from fedsim.engines.parallel.data_parallel import rank_shard, validate_ddp
 from fedsim.errors import ConfigError, FedsimError, UnsupportedError
 from fedsim.nn.sync_batchnorm import AllReduceBatchNorm, convert_sync_batchnorm
 from fedsim.train import epoch_permutation, make_loader

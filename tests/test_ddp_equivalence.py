@@ -19,7 +19,7 @@ import fedsim
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import load_experiment
 from fedsim.engines.common import build_model, load_task_data
-from fedsim.engines.launch import run_with_timeout
+from fedsim.engines.parallel.launch import run_with_timeout
 
 PER_RANK_BATCH = 8
 TASKS: dict[str, dict[str, Any]] = {

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedsim.checkpoint import load_checkpoint
-from fedsim.engines.launch import run_with_timeout
+from fedsim.engines.parallel.launch import run_with_timeout
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def test_two_nodes_rendezvous_on_loopback(workdir: Path, reference: dict[str, An
     try:
         codes = [p.wait(timeout=240) for p in nodes]
     finally:
-        from fedsim.engines.launch import terminate_tree
+        from fedsim.engines.parallel.launch import terminate_tree
 
         for p in nodes:
             if p.poll() is None:
@@ -182,7 +182,8 @@ def test_per_rank_batch_of_zero_exits_non_zero(workdir: Path, capsys: pytest.Cap
     code, err = _fedsim_captured([str(workdir / "tiny.toml"), "--set", "train.batch_size=0", "--out",
                                   str(workdir / "err")], capsys)
     assert code == 2
-    assert "key 'train.batch_size' = 0: the per-rank batch must hold at least 1 sample" in err
+    # Refused when the experiment is loaded, before torchrun starts (the validation pass).
+    assert "tiny.toml: key 'train.batch_size' = 0: must be >= 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_task_that_cannot_run_data_parallel_exits_non_zero(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

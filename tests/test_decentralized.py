@@ -14,11 +14,11 @@ import fedsim
 from fedsim.checkpoint import load_checkpoint
 from fedsim.data.partition import partition
 from fedsim.engines.common import build_model, load_task_data
-from fedsim.engines.decentralized import consensus_distance, mix
+from fedsim.engines.gossip.decentralized import consensus_distance, mix
+from fedsim.engines.gossip.topology import topology_matrix
 from fedsim.errors import FedsimError
 from fedsim.experiment import resolve
-from fedsim.tasks import move_batch
-from fedsim.topology import topology_matrix
+from fedsim.tasks import TaskContext, move_batch
 
 TINY = "tests.helpers.tiny_task:TinyTask"
 EXACT = {"dtype": "float64", "threads": 1, "optimizer": "sgd", "momentum": 0.0, "progress": False}
@@ -50,7 +50,8 @@ def test_complete_graph_one_local_step_equals_fedavg(tmp_path: Path) -> None:
         for part in parts:
             client = copy.deepcopy(global_model)
             optimizer = torch.optim.SGD(client.parameters(), lr=lr)
-            task.train_step(client, move_batch(split.train[torch.as_tensor(part)], client), {"model": optimizer})
+            task.train_step(client, move_batch(split.train[torch.as_tensor(part)], client), {"model": optimizer},
+                            context=TaskContext())
             clients.append((len(part), client.state_dict()))
         total = sum(n for n, _ in clients)
         global_model.load_state_dict({k: sum(n / total * s[k] for n, s in clients) for k in clients[0][1]})

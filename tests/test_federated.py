@@ -17,8 +17,8 @@ import torch
 import fedsim
 from fedsim.config import RunConfig, experiment_from_dict
 from fedsim.engines.common import RunContext
-from fedsim.engines.fed_rounds import num_sampled, sample_clients, simulated_faults
-from fedsim.engines.federated import run_federated
+from fedsim.engines.federated.engine import run_federated
+from fedsim.engines.federated.rounds import num_sampled, sample_clients, simulated_faults
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.results import RunDir
 
@@ -203,7 +203,7 @@ federated = {{ partition = "dirichlet", alpha = 0.3 }}
 
 def test_compatible_runs_share_one_flower_simulation(tmp_path: Path) -> None:
     """plan_jobs: later federated runs with the same clients/resources join the first one's simulation."""
-    from fedsim.engines.federated import plan_jobs
+    from fedsim.engines.federated.engine import plan_jobs
 
     base = fed_run(tmp_path, engine="flower")
     experiment = experiment_from_dict({**base, "seeds": [0, 1], "runs": [

@@ -22,7 +22,7 @@ import torch
 
 from fedsim.config import experiment_from_dict
 from fedsim.engines.common import RunContext
-from fedsim.engines.federated import run_federated
+from fedsim.engines.federated.engine import run_federated
 from fedsim.results import RunDir
 
 TINY = "tests.helpers.tiny_task:TinyTask"
@@ -34,7 +34,7 @@ def run_config(engine: str) -> dict[str, Any]:
         "name": "fed", "task": TINY, "mode": "federated", "task_options": {"hidden": 8},
         "train": {"lr": 0.2, "batch_size": 16, "progress": False, "threads": 1, "dtype": "float64"},
         "federated": {"engine": engine, "num_clients": 4, "clients_per_round": 3, "rounds": 3, "strategy": "scaffold",
-                      "partition": "dirichlet", "alpha": 0.5, "dropout_fraction": 0.3, "num_cpus": 1.0},
+                      "partition": "dirichlet", "alpha": 0.5, "dropout_fraction": 0.3, "cpus_per_client": 1.0},
     }
 
 

@@ -13,8 +13,8 @@ import torch
 from fedsim.config import experiment_from_dict
 from fedsim.data.partition import partition
 from fedsim.engines.common import RunContext, load_task_data
-from fedsim.engines.fed_fewshot import central_statistics, client_sufficient_statistics
-from fedsim.engines.federated import run_federated
+from fedsim.engines.federated.engine import run_federated
+from fedsim.engines.federated.fewshot import central_statistics, client_sufficient_statistics
 from fedsim.models.fewshot import merge_sufficient_statistics, statistics_from_sufficient
 from fedsim.results import RunDir
 from fedsim.tasks import TASKS

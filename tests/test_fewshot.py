@@ -29,7 +29,7 @@ from fedsim.models.fewshot import (
     tukey,
 )
 from fedsim.models.fewshot_reference import distribution_calibration_np
-from fedsim.tasklib.fewshot import fewshot_metrics
+from fedsim.tasks.fewshot import fewshot_metrics
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.engines import flower_private as fp
-from fedsim.engines.local_grid import LocalGrid, copy_records, make_node_ids, run_local
+from fedsim.engines.federated.flower_run import flower_run, parse_run_config, read_app_config
+from fedsim.engines.federated.local.grid import LocalGrid, copy_records, make_node_ids, run_local
 from fedsim.errors import ConfigError
-from fedsim.flower_run import flower_run, parse_run_config, read_app_config
+from fedsim.wire import flower_private as fp
 
 APP_DIR = Path(__file__).parent / "fixtures" / "third_party_app"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fedsim.config import RunConfig, from_dict, load_experiment, run_with_seed
-from fedsim.engines import flower_private as fp
 from fedsim.results import RunDir
+from fedsim.wire import flower_private as fp
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = Path(__file__).parent / "fixtures" / "third_party_app"
@@ -49,13 +49,13 @@ def comparison_fedavg_iid_run() -> RunConfig:
 @pytest.mark.slow
 def test_fedsim_app_local_engine_equals_flower_simulation(tmp_path: Path) -> None:
     from fedsim.engines.common import RunContext
-    from fedsim.engines.federated import run_federated
+    from fedsim.engines.federated.engine import run_federated
 
     run = comparison_fedavg_iid_run()
     finals = {}
     for engine in ("flower", "local"):
         engine_run = dataclasses.replace(run, federated=dataclasses.replace(run.federated, engine=engine,
-                                                                            num_cpus=1.0))
+                                                                            cpus_per_client=1.0))
         summary = run_federated(engine_run, RunContext(out=RunDir(tmp_path / engine)))
         finals[engine] = {k: v.detach().clone() for k, v in summary["model"].state_dict().items()}
         assert summary["metrics"]["accuracy"] > 0.2, summary["metrics"]
@@ -72,8 +72,8 @@ def test_third_party_app_local_engine_equals_flower_simulation(tmp_path: Path, m
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from fedsim.engines.local_grid import run_local
-    from fedsim.flower_run import load_component, parse_run_config, read_app_config
+    from fedsim.engines.federated.flower_run import load_component, parse_run_config, read_app_config
+    from fedsim.engines.federated.local.grid import run_local
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(APP_DIR), os.environ.get("PYTHONPATH", "")]))

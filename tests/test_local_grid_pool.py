@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsim.flower_run import flower_run
+from fedsim.engines.federated.flower_run import flower_run
 
 APP_DIR = Path(__file__).parent / "fixtures" / "third_party_app"
 

@@ -10,9 +10,9 @@ import torch
 
 from fedsim.config import RunConfig, TrainConfig, from_dict
 from fedsim.data import load_dataset
-from fedsim.engines.vectorised import has_batch_coupling, train_clients
+from fedsim.engines.federated.local.vectorised import has_batch_coupling, train_clients
 from fedsim.errors import UnsupportedError
-from fedsim.tasks import make_task
+from fedsim.tasks import TaskContext, make_task
 from fedsim.train import TrainState, fit, make_loader, seed_everything
 from tests.helpers.tiny_task import TinyTask
 
@@ -29,7 +29,7 @@ def sequential(task, model, start, indices, train, dataset, epochs, seeds):
         state = TrainState(model, task.build_optimizers(model, train))
         history = fit(task, state, dataclasses.replace(train, epochs=epochs),
                       lambda e, idx=idx, seed=seed: make_loader(dataset, train.batch_size, seed, e, True, indices=idx),
-                      show_progress=False)
+                      context=TaskContext(), show_progress=False)
         out.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, history[-1]["train_loss"]))
     return out
 
@@ -76,8 +76,8 @@ def test_vectorised_refuses_what_it_cannot_reproduce() -> None:
 
 @pytest.mark.slow
 def test_vectorised_fedsim_clients_through_the_local_grid(tmp_path: Path) -> None:
-    from fedsim.engines.flower_app import FederatedJob, clientapp, make_server_app
-    from fedsim.engines.local_grid import run_local
+    from fedsim.engines.federated.flower_app import FederatedJob, clientapp, make_server_app
+    from fedsim.engines.federated.local.grid import run_local
     from fedsim.results import RunDir
 
     run = from_dict(RunConfig, {"name": "vec", "task": "bn_cnn", "mode": "federated",

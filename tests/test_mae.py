@@ -22,7 +22,7 @@ from fedsim.models.mae import (
     unpatchify,
 )
 from fedsim.models.masking import draw_masks, sample_keys
-from fedsim.tasks import make_task
+from fedsim.tasks import TaskContext, make_task
 
 SMALL = MAEConfig(embed_dim=16, depth=2, num_heads=2, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
 
@@ -157,16 +157,17 @@ def test_task_loss_is_independent_of_batch_composition(digits, strategy: str) ->
     assert torch.allclose(full, sum(halves) / 2, atol=1e-12)
     for g_full, p in zip(grad_full, model.parameters(), strict=True):
         assert torch.allclose(g_full, p.grad, atol=1e-12)
-    # The same epoch redraws the same masks; a new epoch (Task.epoch, set by the loop) new ones.
+    # The same epoch redraws the same masks; a new epoch (TaskContext.epoch, from the loop) new ones.
     cfg = whole.cfg
-    first = ranks[0].masks_for(torch.tensor([0]), cfg, train=False)
-    again = whole.masks_for(y[:1, 1], cfg, train=True)
-    assert torch.equal(whole.masks_for(y[:1, 1], cfg, train=True), again)
-    whole.epoch = 1
+    first = ranks[0].masks_for(torch.tensor([0]), cfg, epoch=None)
+    again = whole.masks_for(y[:1, 1], cfg, epoch=0)
+    assert torch.equal(whole.masks_for(y[:1, 1], cfg, epoch=0), again)
+    assert torch.equal(whole.model_inputs(model, (x[:1], y[:1]), TaskContext(epoch=0))[1], again)
     if strategy != "grid":
-        assert not torch.equal(whole.masks_for(y[:1, 1], cfg, train=True), again)
+        assert not torch.equal(whole.masks_for(y[:1, 1], cfg, epoch=1), again)
+        assert not torch.equal(whole.model_inputs(model, (x[:1], y[:1]), TaskContext(epoch=1))[1], again)
     assert torch.equal(first, _task(mask=strategy, mask_ratio=ratio, mask_seed=3).masks_for(
-        torch.tensor([0]), cfg, train=False))
+        torch.tensor([0]), cfg, epoch=None))
 
 
 def test_bad_options_are_clear_errors() -> None:
@@ -205,7 +206,7 @@ def test_pipeline_split_points_name_children_of_the_built_model(digits) -> None:
 
 
 def test_masking_report_groups_seeds_and_writes_table_and_plot(tmp_path: Path) -> None:
-    from fedsim.tasklib.mae_report import masking_rows, report_masking
+    from fedsim.reports.mae import masking_rows, report_masking
 
     def summary(name: str, seed: int, probe: float, options: dict, epochs: int = 1) -> dict:
         return {"name": name, "seed": seed, "config": {"task_options": options, "train": {"epochs": epochs}},

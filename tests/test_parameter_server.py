@@ -19,7 +19,7 @@ EXACT = {"dtype": "float64", "threads": 1, "optimizer": "sgd", "momentum": 0.0, 
 
 def ps(name: str, train: dict, **options: object) -> dict:
     return {"name": name, "task": TINY, "mode": "parameter_server", "train": train,
-            "parameter_server": {"num_cpus": 2, **options}}
+            "parameter_server": {"ray_num_cpus": 2, **options}}
 
 
 def ray_is_down() -> bool:
@@ -113,8 +113,8 @@ def test_multi_player_task_is_refused_before_ray_starts(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_runs_on_an_existing_two_node_cluster(tmp_path: Path, repo_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A real Ray head (127.0.0.2) and worker node (127.0.0.3) with one CPU each, started and stopped by
-    # fedsim.cluster (exactly those processes): the two workers must be placed one per node.
-    from fedsim import cluster
+    # fedsim.ops.cluster (exactly those processes): the two workers must be placed one per node.
+    from fedsim.ops import cluster
 
     monkeypatch.chdir(repo_root)  # Ray adds the driver's working directory to the workers' import path
     state_dir = tmp_path / "cluster"

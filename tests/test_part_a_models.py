@@ -26,7 +26,7 @@ from fedsim.models.part_a import (
     sample_ring,
     slow_objective,
 )
-from fedsim.part_a_report import compare_slow_objective, exam_net_step, part_a_report
+from fedsim.reports.part_a import compare_slow_objective, exam_net_step, part_a_report
 
 
 @pytest.fixture(autouse=True)

@@ -23,8 +23,8 @@ from fedsim.data import load_dataset
 from fedsim.engines.common import load_task_data, prepare
 from fedsim.errors import ConfigError, UnsupportedError
 from fedsim.models.part_a import GAN, DualHeadViT
-from fedsim.tasklib.part_a import ATTRIBUTES, DualHeadViTTask, GANTask, long_tail_profile
-from fedsim.tasks import TASKS, make_task
+from fedsim.tasks import TASKS, TaskContext, make_task
+from fedsim.tasks.part_a import ATTRIBUTES, DualHeadViTTask, GANTask, long_tail_profile
 from fedsim.train import epoch_permutation, fit
 
 PART_A = ("exam_net", "linear_ae", "bn_cnn", "gan", "dual_head_vit")
@@ -115,7 +115,7 @@ def test_exam_net_task_step_reproduces_the_exam_numbers() -> None:
     model = task.build_model(task.prepare_data(load_dataset("digits")).info).double()
     optimizers = task.build_optimizers(model, TrainConfig(optimizer="sgd", lr=0.5))
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
-    metrics = task.train_step(model, (x, x.clone()), optimizers)
+    metrics = task.train_step(model, (x, x.clone()), optimizers, context=TaskContext())
     assert metrics["loss"] == 3.0  # batch of one: the batch mean is the exam's sum of squared errors
     assert model.hidden.weight.tolist() == [[0.25, 1.0, 0.25, 0.25]] * 2
     assert model.output.weight.tolist() == [[0.625, 0.625], [-0.125, -0.125], [0.625, 0.625], [0.625, 0.625]]
@@ -149,7 +149,7 @@ def test_bn_cnn_reaches_95_percent_on_digits(tmp_path) -> None:
 def test_bn_cnn_trains_vectorised_like_one_client_at_a_time(digits) -> None:
     # vectorisable = True: BatchNorm in training mode under vmap(functional_call) with per-client
     # buffers gives the same parameters and running statistics as sequential steps.
-    from fedsim.engines.vectorised import train_clients
+    from fedsim.engines.federated.local.vectorised import train_clients
 
     task = make_task("bn_cnn")
     assert task.vectorisable
@@ -167,7 +167,7 @@ def test_bn_cnn_trains_vectorised_like_one_client_at_a_time(digits) -> None:
         sequential.train()
         optimizers = task.build_optimizers(sequential, train)
         for batch in clients[k][0]:
-            task.train_step(sequential, batch, optimizers)
+            task.train_step(sequential, batch, optimizers, context=TaskContext())
         for name, value in sequential.state_dict().items():
             torch.testing.assert_close(results[k].state[name].to(value.dtype), value, atol=1e-5, rtol=0)
 
@@ -182,7 +182,7 @@ def test_gan_step_alternates_discriminator_then_generator() -> None:
     optimizers = task.build_optimizers(model, TrainConfig(optimizer="sgd", lr=0.1))
     real = torch.randn(6, 2, dtype=torch.float64)
     torch.manual_seed(1)
-    task.train_step(model, (real, torch.zeros(6)), optimizers)
+    task.train_step(model, (real, torch.zeros(6)), optimizers, context=TaskContext())
     # Execute by hand: D on (real, detached G(z1)); then G on -log D(G(z2)) with the *updated* D.
     torch.manual_seed(1)
     z1 = by_hand.noise(6)
@@ -213,7 +213,7 @@ def _fit_with_tensor_batches(config: dict[str, Any]) -> Any:
         order = torch.tensor(epoch_permutation(len(x), run.train.seed, epoch))
         return [(x[i], y[i]) for i in order.split(run.train.batch_size)]
 
-    fit(prepared.task, prepared.state, run.train, batches, show_progress=False)
+    fit(prepared.task, prepared.state, run.train, batches, context=TaskContext(), show_progress=False)
     return prepared
 
 
@@ -223,7 +223,7 @@ def test_gan_covers_the_ring_of_eight_gaussians() -> None:
     for seed in range(5):
         prepared = _fit_with_tensor_batches({
             "task": "gan",
-            "data": {"name": "fedsim.tasklib.part_a:load_ring_split", "options": {"n_samples": 20000}},
+            "data": {"name": "fedsim.tasks.part_a:load_ring_split", "options": {"n_samples": 20000}},
             "train": {"epochs": 25, "batch_size": 250, "optimizer": "adam", "lr": 0.001, "seed": seed,
                       "progress": False, "checkpoint": False},
         })

@@ -14,8 +14,13 @@ import torch
 
 from fedsim.config import RunConfig, from_dict
 from fedsim.engines.common import build_model, load_task_data
-from fedsim.engines.pipeline import _OutputModel, ideal_efficiency, probe_boundaries, use_cuda, validate_run
-from fedsim.engines.pipeline_split import balanced_cuts, check_schedule, make_pieces, plan_split
+from fedsim.engines.parallel.pipeline import (
+    ideal_efficiency,
+    probe_boundaries,
+    use_cuda,
+    validate_run,
+)
+from fedsim.engines.parallel.pipeline_split import balanced_cuts, check_schedule, make_pieces, plan_split
 from fedsim.errors import ConfigError, UnsupportedError
 from fedsim.tasks import make_task
 
@@ -93,13 +98,15 @@ def test_probe_leaves_batchnorm_statistics_and_rng_alone() -> None:
     assert torch.equal(rng, torch.get_rng_state())
 
 
-def test_the_stand_in_model_hands_the_output_to_the_tasks_loss() -> None:
+def test_the_last_stage_loss_is_the_tasks_output_loss() -> None:
+    """The schedule's loss_fn(output, target) is Task.output_loss: on the whole model's output it is
+    the task's loss (the composition the other engines use)."""
     run = run_config("dual_head_vit")
     task, split = load_task_data(run)
     model = build_model(task, split, run, torch.device("cpu"))
     x, y = split.train.tensors[0][:6], split.train.tensors[1][:6]
-    stand_in = _OutputModel(model, model.head)
-    assert torch.equal(task.loss(stand_in, (model(x), y)), task.loss(model, (x, y)))
+    assert task.has_separable_loss()
+    assert torch.equal(task.output_loss(model(x), y), task.loss(model, (x, y)))
 
 
 def test_ideal_efficiency() -> None:

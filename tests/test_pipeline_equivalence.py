@@ -23,7 +23,7 @@ import torch
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import RunConfig, load_experiment
 from fedsim.engines.common import build_model, load_task_data
-from fedsim.engines.pipeline import FullBatches
+from fedsim.engines.parallel.pipeline import FullBatches
 from fedsim.tasks import move_batch
 from fedsim.train import configure_torch, make_loader
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsim.engines.gossip.topology import (
+    adjacency,
+    mixing_matrix,
+    neighbours,
+    spectral_gap,
+    topology_matrix,
+    torus_shape,
+)
 from fedsim.errors import FedsimError
-from fedsim.topology import adjacency, mixing_matrix, neighbours, spectral_gap, topology_matrix, torus_shape
 
 CASES = [("ring", n, 3) for n in (2, 3, 5, 8)] + [("torus", n, 3) for n in (4, 6, 9, 12)] + [
     ("complete", n, 3) for n in (2, 5, 8)] + [("exponential", n, 3) for n in (3, 8, 11)] + [

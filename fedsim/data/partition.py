@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedsim.errors import FedsimError
 
@@ -34,7 +35,17 @@ __all__ = [
     "label_counts",
     "label_skew",
     "split_holdout",
+    "partition_labels",
 ]
+
+
+def partition_labels(targets: torch.Tensor) -> np.ndarray:
+    """What label-based partitioners split on: integer class targets as they are; zeros for targets
+    that are not one class per sample (regression, multi-target), where only ``iid`` and
+    ``quantity_skew`` are meaningful."""
+    if targets.ndim == 1 and not targets.is_floating_point():
+        return targets.numpy()
+    return np.zeros(len(targets), dtype=np.int64)
 
 
 def _rng(seed: int, *keys: int | str) -> np.random.Generator:

@@ -13,11 +13,11 @@ from fedsim.registry import import_object
 
 ENGINES: dict[str, str] = {
     "central": "fedsim.engines.central:run_central",
-    "federated": "fedsim.engines.federated:run_federated",
-    "ddp": "fedsim.engines.ddp:run_ddp",
-    "pipeline": "fedsim.engines.pipeline:run_pipeline",
+    "federated": "fedsim.engines.federated.engine:run_federated",
+    "ddp": "fedsim.engines.parallel.ddp:run_ddp",
+    "pipeline": "fedsim.engines.parallel.pipeline:run_pipeline",
     "parameter_server": "fedsim.engines.parameter_server:run_parameter_server",
-    "decentralized": "fedsim.engines.decentralized:run_decentralized",
+    "decentralized": "fedsim.engines.gossip.decentralized:run_decentralized",
 }
 
 __all__ = ["ENGINES", "engine_for"]

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from fedsim.config import RunConfig
-from fedsim.engines.common import RunContext, prepare, save_state
+from fedsim.engines.common import RunContext, final_run_metrics, prepare, save_state, task_context
 from fedsim.results import make_summary
 from fedsim.train import fit, make_loader
 
@@ -20,7 +20,7 @@ def run_central(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
         out.reset_metrics()
     prepared = prepare(run, resume_from=out if resume else None)
     task, split, state = prepared.task, prepared.split, prepared.state
-    task.out_dir = out.root
+    context = task_context(out if ctx.rank0 else None, prepared.device)
     train_cfg = run.train
 
     def on_epoch_end(state_now: Any, record: dict[str, Any]) -> None:
@@ -34,20 +34,15 @@ def run_central(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
         task, state, train_cfg,
         lambda epoch: make_loader(split.train, train_cfg.batch_size, train_cfg.seed, epoch, train_cfg.shuffle),
         evaluate=lambda: task.evaluate(state.model, split.test, train_cfg.eval_batch_size),
+        context=context,
         on_epoch_end=on_epoch_end,
         description=run.name,
     )
     state.model.eval()
     if resume:
         history = out.read_metrics()  # epochs before the interruption + the ones just run
-    metrics: dict[str, Any] = {}
-    if history:
-        metrics.update({k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")})
-        metrics["train_loss"] = history[-1].get("train_loss")
-    elif train_cfg.epochs == 0:
-        metrics.update(task.evaluate(state.model, split.test, train_cfg.eval_batch_size))
-    metrics.update(task.final_metrics(state.model, split))
-    summary = make_summary(run, metrics, started=started, extra={"epochs": state.epoch, "steps": state.step,
+    metrics = final_run_metrics(task, state.model, split, run, history, context=context)
+    summary = make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={"epochs": state.epoch, "steps": state.step,
                                                                    "history": history})
     if ctx.rank0:
         out.write_summary(summary)

@@ -12,7 +12,7 @@ from fedsim.checkpoint import load_checkpoint, make_checkpoint, restore_rng, sav
 from fedsim.config import Experiment, RunConfig
 from fedsim.data import DatasetSplit, load_dataset
 from fedsim.results import RunDir
-from fedsim.tasks import Task, make_task
+from fedsim.tasks import Task, TaskContext, make_task
 from fedsim.train import TrainState, build_schedulers, configure_torch, seed_everything, torch_dtype
 
 
@@ -76,6 +76,35 @@ def save_state(out: RunDir, engine: str, state: TrainState, model: nn.Module | N
     save_checkpoint(out.checkpoint_path, make_checkpoint(
         engine, module.state_dict(), state.optimizer_states(), state.scheduler_states(),
         epoch=state.epoch, step=state.step, engine_state=engine_state))
+
+
+def task_context(run_dir: RunDir | None, device: torch.device, *, rank: int = 0, world_size: int = 1) -> TaskContext:
+    """What an engine tells the task's hooks; ``run_dir`` None where this process writes nothing."""
+    return TaskContext(run_dir=run_dir.root if run_dir is not None else None, rank=rank, world_size=world_size,
+                       device=device)
+
+
+def last_test_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last record's ``test_*`` metrics under their plain names (what a summary reports)."""
+    if not history:
+        return {}
+    return {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
+
+
+def final_run_metrics(task: Task, model: nn.Module, split: DatasetSplit, run: RunConfig,
+                      history: list[dict[str, Any]], *, context: TaskContext) -> dict[str, Any]:
+    """A finished run's metrics, the same for every engine that trains one model with the shared loop:
+    the last epoch's test metrics and training loss (or a fresh evaluation when no epoch ran), then
+    the task's costly end-of-run metrics (probes, episodes, figures in ``context.run_dir``)."""
+    model.eval()
+    metrics = last_test_metrics(history)
+    if history:
+        metrics["train_loss"] = history[-1].get("train_loss")
+    else:
+        with torch.no_grad():
+            metrics.update(task.evaluate(model, split.test, run.train.eval_batch_size))
+    metrics.update(task.final_metrics(model, split, context=context))
+    return metrics
 
 
 def final_parameters(model: nn.Module) -> dict[str, list[float]]:

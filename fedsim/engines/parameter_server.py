@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,11 +30,21 @@ from typing import Any
 import torch
 
 from fedsim.config import RunConfig
-from fedsim.engines.common import RunContext, build_model, load_task_data, prepare, save_state
+from fedsim.engines.common import (
+    RunContext,
+    build_model,
+    last_test_metrics,
+    load_task_data,
+    prepare,
+    save_state,
+    task_context,
+)
 from fedsim.errors import FedsimError, UnsupportedError
+from fedsim.ops.ray_session import ray_session
 from fedsim.results import RunDir, make_summary
-from fedsim.tasks import Task, make_task, move_batch
-from fedsim.train import configure_torch, derive_seed, epoch_permutation
+from fedsim.seeding import derive_seed, epoch_permutation, strided_shard
+from fedsim.tasks import Task, TaskContext, make_task, move_batch
+from fedsim.train import configure_torch
 
 __all__ = ["run_parameter_server", "ParameterServer", "GradientWorker", "worker_indices", "state_bytes"]
 
@@ -46,14 +55,14 @@ def worker_indices(run: RunConfig, labels: torch.Tensor, worker: int, workers: i
     cfg = run.parameter_server
     if cfg.shards == "strided":
         return None
-    from fedsim.data.partition import partition
+    from fedsim.data.partition import partition, partition_labels
 
-    return partition(labels.numpy(), workers, cfg.shards, seed=run.train.seed, alpha=cfg.alpha)[worker].tolist()
+    return partition(partition_labels(labels), workers, cfg.shards, seed=run.train.seed, alpha=cfg.alpha)[worker].tolist()
 
 
 def _batch_stream(run: RunConfig, n_train: int, labels: torch.Tensor, worker: int, workers: int,
-                  start: int) -> Iterator[list[int]]:
-    """Sample indices of the worker's successive batches, from its ``start``-th batch on.
+                  start: int) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, sample indices) of the worker's successive batches, from its ``start``-th batch on.
 
     Strided: batch j of epoch e is ``perm_e[worker::W][j*b:(j+1)*b]`` with ``perm_e`` the shared
     (seed, epoch) order of :func:`fedsim.train.epoch_permutation`, so the union of the W workers'
@@ -70,11 +79,11 @@ def _batch_stream(run: RunConfig, n_train: int, labels: torch.Tensor, worker: in
     while True:
         epoch, j = divmod(count, per_epoch)
         if fixed is None:
-            shard = epoch_permutation(n_train, train.seed, epoch, train.shuffle)[worker::workers]
+            shard = strided_shard(n_train, workers, worker, train.seed, epoch, train.shuffle)
         else:
             order = epoch_permutation(len(fixed), derive_seed(train.seed, "ps-worker", worker), epoch, train.shuffle)
             shard = [fixed[i] for i in order]
-        yield shard[j * b:(j + 1) * b]
+        yield epoch, shard[j * b:(j + 1) * b]
         count += 1
 
 
@@ -99,7 +108,7 @@ class ParameterServer:
         self.out = RunDir(out_root)
         prepared = prepare(run, resume_from=self.out if resume else None)
         self.task, self.split, self.state = prepared.task, prepared.split, prepared.state
-        self.task.out_dir = self.out.root
+        self.device = prepared.device
         _require_single_loss(self.task, self.state.optimizers)
         self.model = self.state.model
         self.optimizer = self.state.optimizers["model"]
@@ -160,7 +169,7 @@ class ParameterServer:
 
     def final(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.model.eval()
-        metrics = self.task.final_metrics(self.model, self.split)
+        metrics = self.task.final_metrics(self.model, self.split, context=task_context(self.out, self.device))
         return metrics, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
 
@@ -177,7 +186,7 @@ class GradientWorker:
         self.device = configure_torch(run.train)
         self.task, self.split = load_task_data(run)
         self.model = build_model(self.task, self.split, run, self.device)
-        self.worker, self.server = worker, server
+        self.worker, self.workers, self.server = worker, workers, server
         self.seed, self.count = run.train.seed, start
         self.batches = _batch_stream(run, n_train, labels, worker, workers, start)
 
@@ -189,7 +198,7 @@ class GradientWorker:
 
         version, state = ray.get(self.server.pull.remote())
         self.model.load_state_dict(state)
-        indices = next(self.batches)
+        epoch, indices = next(self.batches)
         self.count += 1
         torch.manual_seed(derive_seed(self.seed, "ps-worker", self.worker, self.count))  # dropout keyed by batch
         grads: dict[str, torch.Tensor | None] = {k: None for k, _ in self.model.named_parameters()}
@@ -200,34 +209,15 @@ class GradientWorker:
         x, y = self.split.train[indices]
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.task.loss(self.model, move_batch((x, y), self.model))
+        # The epoch of this batch in the context: per-epoch draws (MAE masks) change every pass, as in
+        # the central run, and equal its draws for the same (seed, sample, epoch).
+        context = TaskContext(epoch=epoch, rank=self.worker, world_size=self.workers, device=self.device)
+        loss = self.task.loss(self.model, move_batch((x, y), self.model), context=context)
         loss.backward()
         push["loss"] = float(loss.detach())
         push["grads"] = {k: None if p.grad is None else p.grad.detach().cpu() for k, p in self.model.named_parameters()}
         push["buffers"] = {k: v.detach().cpu().clone() for k, v in _float_buffers(self.model).items()}
         return push
-
-
-# ---- the Ray session ----------------------------------------------------------------------------
-def _start_ray(cfg: Any) -> bool:
-    """Start (or connect to) Ray; True when this engine started the session and must shut it down."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        return False  # a caller's session (e.g. a notebook): use it, leave it running
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-        return True
-    # Local workers import the task by module path: give them the driver's import path.
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
-    paths.insert(0, os.getcwd())
-    # address="local": a fresh local Ray even when RAY_ADDRESS points elsewhere.
-    ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
-                                       "RAY_USAGE_STATS_ENABLED": "0"}})
-    return True
 
 
 def _placement(cfg: Any, timeout_s: float = 60.0) -> Any:
@@ -243,7 +233,7 @@ def _placement(cfg: Any, timeout_s: float = 60.0) -> Any:
                 f"parameter_server.workers = {cfg.workers} with {cfg.cpus_per_worker} CPU / {cfg.gpus_per_worker} GPU "
                 f"per worker needs {amount:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}; lower "
                 f"'parameter_server.workers' or the per-worker resources"
-                + ("" if cfg.ray_address else ", or raise 'parameter_server.num_cpus'"))
+                + ("" if cfg.ray_address else ", or raise 'parameter_server.ray_num_cpus'"))
     bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     group = placement_group([bundle] * cfg.workers, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
@@ -260,25 +250,17 @@ def run_parameter_server(run: RunConfig, ctx: RunContext) -> dict[str, Any]:
     """Train ``run`` with a Ray parameter server; log per step and per epoch; write the summary."""
     started = time.time()
     cfg = run.parameter_server
-    if cfg.workers < 1 or cfg.steps < 0 or cfg.cpus_per_worker < 0 or run.train.batch_size < 1:
-        raise FedsimError(f"{run.source}: parameter_server needs workers >= 1, steps >= 0 and train.batch_size >= 1 "
-                          f"(got workers={cfg.workers}, steps={cfg.steps}, batch_size={run.train.batch_size})")
-    _require_single_loss(make_task(run.task, run.task_options, run.source))  # fail fast, before starting Ray
+    task = make_task(run.task, run.task_options, run.source)
+    _require_single_loss(task)  # fail fast, before starting Ray
     out = ctx.out
     resume = ctx.resume and out.checkpoint_path.exists()
     if not resume:
         out.reset_metrics()
-    owned = _start_ray(cfg)
-    try:
-        return _train(run, ctx, started, resume)
-    finally:
-        if owned:
-            import ray
-
-            ray.shutdown()
+    with ray_session(cfg.ray_address, num_cpus=cfg.ray_num_cpus or os.cpu_count() or 1):
+        return _train(run, task, ctx, started, resume)
 
 
-def _train(run: RunConfig, ctx: RunContext, started: float, resume: bool) -> dict[str, Any]:
+def _train(run: RunConfig, task: Task, ctx: RunContext, started: float, resume: bool) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -373,14 +355,14 @@ def _train(run: RunConfig, ctx: RunContext, started: float, resume: bool) -> dic
 
     if resume:
         history = [r for r in out.read_metrics() if r.get("kind") == "epoch"]
-    metrics: dict[str, Any] = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")} if history else {}
+    metrics: dict[str, Any] = last_test_metrics(history)
     metrics["train_loss"] = history[-1]["train_loss"] if history else float("nan")
     metrics.update(final_metrics)
     stale = sorted(staleness.elements())
     # Every step each worker pulls the model (parameters + buffers) and pushes gradients + float buffers.
     per_round = info["state_bytes"] + info["param_bytes"] + info["buffer_bytes"]
     rounds_per_worker = total / workers if cfg.variant == "async" else total
-    summary = make_summary(run, metrics, started=started, extra={
+    summary = make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={
         "variant": cfg.variant, "workers": workers, "steps": applied, "epochs": len(history),
         "startup_s": ready_s, "train_time_s": time.time() - started - ready_s,
         "staleness": {

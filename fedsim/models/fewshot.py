@@ -349,7 +349,7 @@ def fit_logistic_regression(
 # ---- whole episodes ------------------------------------------------------------------------------
 def _episode_noise(seed: int, episode: int, shape: tuple[int, ...], dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
-    from fedsim.train import derive_seed  # the project's one way of keying random streams
+    from fedsim.seeding import derive_seed  # the project's one way of keying random streams
 
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, "dc-draw", episode))

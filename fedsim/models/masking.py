@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from fedsim.errors import FedsimError
-from fedsim.train import derive_seed
+from fedsim.seeding import derive_seed
 
 __all__ = [
     "STRATEGIES", "Strategy", "num_masked", "sample_keys", "random_mask", "block_mask", "grid_mask",

@@ -34,9 +34,8 @@ class TinyTask(Task):
             flatten=nn.Flatten(), hidden=nn.Linear(features, hidden), act=nn.Tanh(),
             out=nn.Linear(hidden, info.num_classes)))
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
+    def output_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output, target)
 
     def evaluate(self, model: nn.Module, dataset: Dataset, batch_size: int = 512) -> dict[str, float]:
         correct, total, loss = 0, 0, 0.0
@@ -47,3 +46,15 @@ class TinyTask(Task):
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
         return {"accuracy": correct / total, "loss": loss / total}
+
+
+class LossOnlyTask(TinyTask):
+    """A user task written the simplest way (and before hooks took a context): it overrides only
+    ``loss(model, batch)``, doing forward and loss in one call."""
+
+    name = "tiny_loss_only"
+    vectorisable = True  # claims it; the vectorised engine still refuses it (no separable loss)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)

@@ -1,0 +1,540 @@
+"""fedsim as a Flower App: the ClientApp every SuperNode runs and the ServerApp around the round loop.
+
+Clients are stateless: every message carries the run's config (``fedsim-run``), and a client
+builds the task, its data and its partition from it (cached per process), trains with the shared
+loop (:func:`fedsim.train.fit`) on its partition and replies with arrays, example counts and
+metrics. Per-partition state that a real client would keep (SCAFFOLD's ``c_i``) travels with
+the message under ``client-state`` and is kept and checkpointed by the server.
+
+Entry points:
+
+* :data:`clientapp` and :data:`serverapp` — the components named in ``pyproject.toml``
+  (``flwr run . --stream``); the ServerApp reads ``[tool.flwr.app.config]``;
+* :func:`make_server_app` — a ServerApp bound to one fedsim run (``fedsim run``, through
+  ``flwr.simulation.run_simulation`` or fedsim's local grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import random
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+from torch.utils.data import Subset
+
+from fedsim.checkpoint import atomic_write_json, load_checkpoint, make_checkpoint, save_checkpoint
+from fedsim.config import RunConfig, from_dict, to_dict
+from fedsim.data import DatasetSplit
+from fedsim.data.partition import partition, partition_labels, split_holdout
+from fedsim.engines.common import build_model, last_test_metrics, load_task_data, task_context
+from fedsim.engines.federated import fewshot as fed_fewshot
+from fedsim.engines.federated.rounds import (
+    CLIENT_STATE_KEY,
+    FAIL_KEY,
+    RUN_KEY,
+    RoundLoop,
+    discover_partitions,
+    num_sampled,
+    run_json,
+)
+from fedsim.errors import FedsimError
+from fedsim.results import RunDir, make_summary
+from fedsim.tasks import Batch, Task, TaskContext, model_device
+from fedsim.train import TrainState, build_schedulers, derive_seed, fit, make_loader
+from fedsim.wire.array_codec import record_to_numpy, record_to_tensors, tensors_to_record
+from strategies import (
+    StrategyContext,
+    get_strategy_state,
+    make_strategy,
+    set_strategy_state,
+    uses_client_state,
+)
+from strategies.client import client_algorithm
+from strategies.scaffold import to_record
+
+log = logging.getLogger("fedsim.federated")
+
+__all__ = ["clientapp", "serverapp", "make_server_app", "FederatedJob", "serve", "client_partition",
+           "SimulatedDropout"]
+
+
+class SimulatedDropout(RuntimeError):
+    """Raised by a client the round loop chose to fail (``federated.dropout_fraction``)."""
+
+
+# ---- client side ---------------------------------------------------------------------------------
+def client_partition(run: RunConfig, task: Task, split: DatasetSplit) -> list[np.ndarray]:
+    """Every client's training indices for ``run`` (seeded by ``train.seed``)."""
+    fed = run.federated
+    labels = partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
+    if fed.partition in ("dirichlet", "shards") and not labels.any() and split.info.num_classes == 0:
+        raise FedsimError(f"{run.source}: federated.partition = '{fed.partition}' needs class labels; "
+                          f"task '{run.task}' has none (use iid or quantity_skew)")
+    return partition(labels, fed.num_clients, fed.partition, seed=run.train.seed, alpha=fed.alpha,
+                     shards_per_client=fed.shards_per_client)
+
+
+@dataclass
+class ClientData:
+    """What one client process keeps between messages of a run (rebuilt when the run changes)."""
+
+    run: RunConfig
+    task: Task
+    split: DatasetSplit
+    model: nn.Module
+    train_idx: dict[int, list[int]]
+    held_idx: dict[int, list[int]]
+
+
+_CACHE: dict[str, ClientData] = {}
+
+
+def _data_key(run: RunConfig) -> str:
+    fed = run.federated
+    return json.dumps([run.task, run.task_options, to_dict(run.data), run.train.seed, run.train.dtype, fed.num_clients,
+                       fed.partition, fed.alpha, fed.shards_per_client, fed.client_test_fraction],
+                      sort_keys=True, default=str)
+
+
+def client_data(run: RunConfig) -> ClientData:
+    """Task, data, partitions and a model to load arrays into, cached per process and run."""
+    key = _data_key(run)
+    if key not in _CACHE:
+        if len(_CACHE) >= 4:
+            _CACHE.clear()
+        task, split = load_task_data(run)
+        model = build_model(task, split, run, torch.device("cpu"))
+        parts = client_partition(run, task, split)
+        train_idx, held_idx = {}, {}
+        for pid, indices in enumerate(parts):
+            kept, held = split_holdout(indices, run.federated.client_test_fraction, run.train.seed, pid)
+            train_idx[pid], held_idx[pid] = kept.tolist(), held.tolist()
+        _CACHE[key] = ClientData(run, task, split, model, train_idx, held_idx)
+    return _CACHE[key]
+
+
+@functools.lru_cache(maxsize=16)
+def run_from_json(text: str) -> RunConfig:
+    """The run config a message carries (parsed once per process: every round sends the same text)."""
+    return from_dict(RunConfig, json.loads(text), "<fedsim-run message>")
+
+
+def _seed_client(seed: int) -> None:
+    """Seed python, numpy and torch's CPU generator (clients train on CPU).
+
+    ``torch.manual_seed`` would also touch the lazily initialised CUDA/XPU/MTIA generators, which
+    costs milliseconds per call — more than a small client's whole round.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
+def _partition_id(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise FedsimError("this node has no partition-id in its node config; start SuperNodes with "
+                          "--node-config 'partition-id=P num-partitions=N'") from exc
+
+
+def _threads(run: RunConfig) -> None:
+    # One client = federated.cpus_per_client cores; more torch threads than that oversubscribes the box.
+    wanted = run.train.threads or max(1, int(run.federated.cpus_per_client))
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
+def _load(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:
+    """Copy received arrays into ``model``'s parameters and buffers (casting dtypes, as load_state_dict does).
+
+    ``load_state_dict`` walks the module tree with hooks and per-module bookkeeping, which costs
+    more than a small client's whole training step; for fedsim's plain models a copy per tensor is
+    the same thing. Anything unusual (missing or extra names, other shapes) goes through
+    ``load_state_dict`` so its error message is the one users see.
+    """
+    tensors = record_to_tensors(arrays)  # views of the message's bytes; copied below
+    targets = model.state_dict(keep_vars=True)
+    if tensors.keys() != targets.keys() or any(targets[k].shape != v.shape for k, v in tensors.items()):
+        model.load_state_dict(tensors, strict=True)
+        return
+    with torch.no_grad():
+        for name, value in tensors.items():
+            targets[name].copy_(value)
+
+
+def _counted(batches: Any, counter: list[int]) -> Iterator[Batch]:
+    for batch in batches:
+        counter[0] += len(batch[0])
+        yield batch
+
+
+clientapp = ClientApp()
+
+
+@clientapp.query()
+def query(msg: Message, context: Context) -> Message:
+    """The node's partition id (the server learns the partition -> node mapping from this)."""
+    pid, count = _partition_id(context)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": count})}),
+                   reply_to=msg)
+
+
+@clientapp.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this node's partition with the shared loop; reply arrays + counts + metrics."""
+    config = msg.content["config"]
+    run = run_from_json(str(config[RUN_KEY]))
+    pid, _ = _partition_id(context)
+    server_round = int(config.get("server-round", 0))
+    if config.get(FAIL_KEY, False):
+        raise SimulatedDropout(f"client {pid} dropped out in round {server_round} (simulated)")
+    _threads(run)
+    data = client_data(run)
+    model, task, fed = data.model, data.task, run.federated
+    global_params = record_to_numpy(msg.content["arrays"])  # decoded once: loaded here, read by FedProx/SCAFFOLD
+    _load(model, global_params)
+    state_in = msg.content[CLIENT_STATE_KEY] if CLIENT_STATE_KEY in msg.content else None
+    algorithm = client_algorithm(msg.content, model, global_params, state_in)  # type: ignore[arg-type]
+    seed = derive_seed(run.train.seed, "client", server_round, pid)
+    _seed_client(seed)  # dropout masks, augmentations: keyed by (seed, round, partition)
+    local_cfg = dataclasses.replace(run.train, epochs=1 if fed.local_steps > 0 else fed.local_epochs,
+                                    progress=False, checkpoint=False,
+                                    max_steps=0 if fed.local_steps > 0 else run.train.max_steps)
+    optimizers = task.build_optimizers(model, local_cfg)
+    state = TrainState(model, optimizers, build_schedulers(optimizers, local_cfg))
+    indices = data.train_idx[pid]
+    counter = [0]
+
+    def batches_for_epoch(epoch: int) -> Iterator[Batch]:
+        if fed.local_steps > 0:  # K steps, cycling through local epochs as needed
+            endless = itertools.chain.from_iterable(
+                make_loader(data.split.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
+                for e in itertools.count())
+            return _counted(itertools.islice(endless, fed.local_steps), counter)
+        return _counted(make_loader(data.split.train, local_cfg.batch_size, seed, epoch, local_cfg.shuffle,
+                                    indices=indices), counter)
+
+    # Epochs of earlier rounds offset the context's epoch, so per-epoch draws (MAE masks) change every
+    # round. A client writes nothing (no run folder); the server writes the run's figures.
+    history = fit(task, state, local_cfg, batches_for_epoch, context=TaskContext(device=model_device(model)),
+                  extra_loss=algorithm.extra_loss, show_progress=False,
+                  epoch_offset=max(server_round - 1, 0) * local_cfg.epochs)
+    extra_records, state_out = algorithm.finish(state.step, run.train.lr)
+    for optimizer in optimizers.values():  # the gradients are done with: free them before the reply is built
+        optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, Any] = {"num-examples": len(indices), "samples": counter[0], "local-steps": state.step}
+    if history and "train_loss" in history[-1]:
+        metrics["loss"] = float(history[-1]["train_loss"])
+    content = RecordDict({"arrays": tensors_to_record(model.state_dict()), "metrics": MetricRecord(metrics)})
+    for key, record in extra_records.items():
+        content[key] = record
+    if state_out is not None:
+        content[CLIENT_STATE_KEY] = state_out
+    return Message(content, reply_to=msg)
+
+
+@clientapp.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received arrays on this node's own held-out samples."""
+    config = msg.content["config"]
+    run = run_from_json(str(config[RUN_KEY]))
+    pid, _ = _partition_id(context)
+    _threads(run)
+    data = client_data(run)
+    _load(data.model, msg.content["arrays"])
+    held = data.held_idx[pid]
+    metrics: dict[str, Any] = {"num-examples": len(held)}
+    if held:
+        data.model.eval()
+        with torch.no_grad():
+            scores = data.task.evaluate(data.model, Subset(data.split.train, held), run.train.eval_batch_size)
+        metrics.update({k: float(v) for k, v in scores.items()})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@clientapp.query(fed_fewshot.ACTION)
+def base_statistics(msg: Message, context: Context) -> Message:
+    """Sufficient statistics of this node's base-class features under the received backbone."""
+    run = run_from_json(str(msg.content["config"][RUN_KEY]))
+    pid, _ = _partition_id(context)
+    _threads(run)
+    data = client_data(run)
+    _load(data.model, msg.content["arrays"])
+    indices = sorted(data.train_idx[pid] + data.held_idx[pid])  # the whole partition: every sample once
+    x, y = data.split.train.tensors  # type: ignore[attr-defined]
+    return fed_fewshot.client_reply(msg, data.task, data.model, x[indices], y[indices], data.split.info.num_classes)
+
+
+# ---- server side ---------------------------------------------------------------------------------
+@dataclass
+class FederatedJob:
+    """One fedsim run for a ServerApp to execute (and where its result goes).
+
+    ``stop_after_round`` > 0 ends the run after that round's checkpoint without a summary: tests
+    use it to interrupt a run and resume it.
+    """
+
+    run: RunConfig
+    out: RunDir
+    resume: bool = False
+    stop_after_round: int = 0
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _worst_fraction(values: list[float], fraction: float, higher_is_better: bool) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values, reverse=not higher_is_better)
+    count = max(1, int(np.ceil(fraction * len(ordered))))
+    return float(np.mean(ordered[:count]))
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the global arrays, the per-round log and the last completed round."""
+
+    arrays: ArrayRecord
+    history: list[dict[str, Any]]
+    round: int = 0
+    resumed: bool = False
+
+
+def _restore(job: FederatedJob, strategy: Any, loop: RoundLoop) -> _Progress:
+    """Global arrays, strategy state, client state, totals and history from the run's checkpoint."""
+    checkpoint = load_checkpoint(job.out.checkpoint_path)
+    if checkpoint.get("engine") != "federated":
+        raise FedsimError(f"{job.out.checkpoint_path} was written by engine '{checkpoint.get('engine')}', "
+                          "not federated")
+    state = checkpoint["engine_state"]
+    try:
+        set_strategy_state(strategy, state["strategy"])
+    except ValueError as exc:
+        raise FedsimError(f"{job.out.checkpoint_path}: {exc} (was it written with another strategy?)") from exc
+    loop.client_state = {int(p): to_record(s) for p, s in state["client_state"].items()}
+    loop.totals = dict(state["totals"])
+    progress = _Progress(ArrayRecord({k: v.clone() for k, v in checkpoint["model"].items()}), list(state["history"]),
+                         int(checkpoint["round"]), resumed=True)
+    job.out.reset_metrics()  # rewrite the log from the checkpoint: rounds after it are redone
+    for record in progress.history:
+        job.out.log(record)
+    return progress
+
+
+def _save(job: FederatedJob, strategy: Any, loop: RoundLoop, progress: _Progress) -> None:
+    """Checkpoint after a round, in the shared format (atomic)."""
+    engine_state = {
+        "strategy": get_strategy_state(strategy),
+        "client_state": {p: {k: v.numpy() for k, v in s.items()} for p, s in loop.client_state.items()},
+        "totals": dict(loop.totals), "history": progress.history,
+    }
+    save_checkpoint(job.out.checkpoint_path, make_checkpoint(
+        "federated", progress.arrays.to_torch_state_dict(), round=progress.round, engine_state=engine_state))
+
+
+def _summary_metrics(task: Task, history: list[dict[str, Any]], client_metrics: dict[int, dict[str, float]],
+                     loop: RoundLoop) -> dict[str, Any]:
+    """Final and best test metrics, per-client spread, traffic, budget and failures."""
+    primary = task.primary_metric
+    higher = primary not in task.lower_is_better
+    metrics: dict[str, Any] = last_test_metrics(history)
+    curve = [h[f"test_{primary}"] for h in history if f"test_{primary}" in h and h["round"] > 0]
+    if curve:
+        metrics[f"best_{primary}"] = max(curve) if higher else min(curve)
+    client_values = [m[primary] for m in client_metrics.values() if primary in m]
+    if client_values:
+        metrics[f"client_{primary}_mean"] = float(np.mean(client_values))
+        metrics[f"client_{primary}_worst10"] = _worst_fraction(client_values, 0.1, higher)
+    metrics["bytes_total"] = float(loop.totals["bytes"])
+    metrics["samples_total"] = float(loop.totals["samples"])
+    metrics["failed_client_rounds"] = sum(len(h.get("failed", [])) for h in history)
+    return metrics
+
+
+def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
+    """The ServerApp's main: fedsim's round loop (:class:`RoundLoop`) for ``job.run`` on ``grid``."""
+    started = time.time()
+    run, out = job.run, job.out
+    fed = run.federated
+    k = num_sampled(fed.num_clients, fed.clients_per_round, fed.fraction_fit)
+    if run.train.threads > 0:
+        torch.set_num_threads(run.train.threads)
+    task, split = load_task_data(run)
+    model = build_model(task, split, run, torch.device("cpu"))  # the initial global model (seeded)
+    trainable = tuple(name for name, _ in model.named_parameters())
+    strategy = make_strategy(fed.strategy, fed.strategy_options,
+                             StrategyContext(fed.num_clients, trainable, run.train.momentum), file=run.source)
+
+    def evaluate(arrays: ArrayRecord) -> dict[str, float]:
+        _load(model, arrays)
+        model.eval()
+        with torch.no_grad():
+            return {k: float(v) for k, v in task.evaluate(model, split.test, run.train.eval_batch_size).items()}
+
+    loop = RoundLoop(strategy, fed.num_clients, k, run.train.seed, run_json(to_dict(run)), evaluate,
+                     fed.dropout_fraction, fed.straggler_fraction, timeout=fed.reply_timeout_s,
+                     uses_client_state=uses_client_state(strategy))
+    if job.resume and out.checkpoint_path.exists():
+        progress = _restore(job, strategy, loop)
+    else:
+        # Straight into progress: a local name would keep the initial arrays alive for the whole run.
+        progress = _Progress(tensors_to_record(model.state_dict()), [])
+        record = {"round": 0, **{f"test_{k}": v for k, v in evaluate(progress.arrays).items()},
+                  "bytes_total": 0.0, "samples_total": 0.0}
+        progress.history.append(record)
+        out.reset_metrics()
+        out.log(record)
+    loop.connect(grid)
+    for server_round in range(progress.round + 1, fed.rounds + 1):
+        # A marker fault tests (and operators) can wait on: the round's messages go out next.
+        atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
+        result = loop.round(grid, server_round, progress.arrays)
+        progress.arrays, progress.round = result.arrays, server_round
+        progress.history.append(result.record)
+        out.log(result.record)
+        log.info("round %d/%d: %s", server_round, fed.rounds,
+                 " ".join(f"{k}={v:.4g}" for k, v in result.record.items() if k.startswith("test_")))
+        if run.train.checkpoint:
+            _save(job, strategy, loop, progress)
+        if job.stop_after_round and server_round >= job.stop_after_round:
+            return {"interrupted_after_round": server_round}
+    client_metrics = loop.evaluate_clients(grid, progress.arrays, fed.rounds + 1)
+    _load(model, progress.arrays)
+    model.eval()
+    metrics = _summary_metrics(task, progress.history, client_metrics, loop)
+    if fed_fewshot.applies(task):  # base statistics merged from the clients, not pooled features
+        metrics.update(fed_fewshot.federated_fewshot_metrics(grid, loop, task, model, split, progress.arrays,
+                                                             fed.rounds + 2))
+    else:
+        metrics.update(task.final_metrics(model, split, context=task_context(out, torch.device("cpu"))))
+    summary = make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={
+        "rounds": fed.rounds, "history": progress.history, "engine": fed.engine, "clients_per_round": k,
+        "client_metrics": {str(p): m for p, m in client_metrics.items()}, "resumed": progress.resumed,
+        "startup_s": job.extras.get("startup_s", 0.0),
+    })
+    out.write_summary(summary)
+    if run.train.progress:
+        primary = task.primary_metric
+        print(f"fedsim: federated run {run.name} (seed {run.train.seed}): {primary} = "
+              f"{metrics.get(primary, float('nan')):.4f} after {fed.rounds} rounds, {summary['wall_time_s']:.1f} s",
+              flush=True)
+    summary["model"] = model  # in-memory only, like the central engine (tests compare parameters)
+    return summary
+
+
+def make_server_app(jobs: FederatedJob | list[FederatedJob]) -> ServerApp:
+    """A ServerApp that runs each job in turn on the same grid, leaving summaries (or exceptions) on them."""
+    todo = [jobs] if isinstance(jobs, FederatedJob) else list(jobs)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        # Start-up (Ray actors coming up, each loading the ClientApp) is paid once here, not by
+        # the first run's wall time: every node answers a partition query before any run starts.
+        started = time.perf_counter()
+        try:
+            discover_partitions(grid, todo[0].run.federated.num_clients)
+        except Exception as exc:  # noqa: BLE001 - reported as every job's error below
+            for job in todo:
+                job.error = exc
+            return
+        todo[0].extras["startup_s"] = time.perf_counter() - started
+        for job in todo:
+            try:
+                job.result = serve(grid, job)
+            except Exception as exc:  # re-raised by the caller with its type (FedsimError -> its exit code)
+                job.error = exc
+                if not isinstance(exc, FedsimError):  # a FedsimError's message says it all; keep bugs' tracebacks
+                    log.error("federated run '%s' failed: %s\n%s", job.run.name, exc, traceback.format_exc())
+                break  # the caller stops at this run: later runs would be computed for nothing
+
+    return app
+
+
+# ---- the App of `flwr run .` -----------------------------------------------------------------------
+APP_CONFIG_DEFAULTS: dict[str, Any] = {
+    "experiment": "experiments/flower_app.toml",
+    "run": "",
+    "seed": -1,
+    "out": "results",
+    "overrides": "",
+}
+"""``[tool.flwr.app.config]`` keys the ServerApp reads (``--run-config`` overrides them)."""
+
+
+def job_from_run_config(run_config: dict[str, Any]) -> FederatedJob:
+    """The fedsim run a ``flwr run`` invocation asks for: a run of an experiment file (+ overrides)."""
+    from fedsim.config import load_experiment, run_with_seed
+
+    cfg = {**APP_CONFIG_DEFAULTS, **run_config}
+    path = Path(str(cfg["experiment"]))
+    if not path.is_absolute():
+        candidates = [Path.cwd() / path, Path(__file__).resolve().parents[2] / path]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    overrides = [o.strip() for o in str(cfg["overrides"]).split(";") if o.strip()]
+    experiment = load_experiment(path, overrides)
+    federated = [r for r in experiment.runs if r.mode == "federated"]
+    wanted = str(cfg["run"])
+    chosen = [r for r in federated if r.name == wanted] if wanted else federated[:1]
+    if not chosen:
+        raise FedsimError(f"{path}: no federated run named '{wanted}' (run-config key 'run')")
+    run = chosen[0]
+    seed = int(cfg["seed"])
+    if seed < 0 and experiment.seeds:
+        seed = experiment.seeds[0]
+    if seed >= 0:
+        run = run_with_seed(run, seed)
+    folder = f"{run.name}-seed{run.train.seed}"
+    return FederatedJob(run, RunDir(Path(str(cfg["out"])) / experiment.name / folder))
+
+
+def _federation_size(grid: Grid, timeout: float = 300.0) -> int:
+    """How many partitions the federation's SuperNodes hold (asked of the first node to connect)."""
+    deadline = time.monotonic() + timeout
+    while not (nodes := sorted(grid.get_node_ids())):
+        if time.monotonic() > deadline:
+            raise FedsimError(f"no SuperNode connected within {timeout:.0f} s")
+        time.sleep(0.1)
+    message = Message(RecordDict({"config": ConfigRecord({})}), nodes[0], MessageType.QUERY, group_id="size")
+    reply = next(iter(grid.send_and_receive([message], timeout=timeout)), None)
+    if reply is None or reply.has_error():
+        raise FedsimError(f"SuperNode {nodes[0]} did not report its partition count")
+    return int(reply.content["metrics"]["num-partitions"])
+
+
+serverapp = ServerApp()
+
+
+@serverapp.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    """``flwr run .``: the run named by the app config, on whatever SuperNodes the federation has."""
+    job = job_from_run_config(dict(context.run_config))
+    nodes = _federation_size(grid)
+    fed = job.run.federated
+    if nodes != fed.num_clients:  # the federation's SuperNodes are the clients
+        log.warning("fedsim: %d SuperNodes in this federation; using num_clients = %d (experiment: %d)",
+                    nodes, nodes, fed.num_clients)
+        fed = dataclasses.replace(fed, num_clients=nodes, clients_per_round=min(fed.clients_per_round, nodes))
+        job.run = dataclasses.replace(job.run, federated=fed)
+    summary = serve(grid, job)
+    log.warning("fedsim federated run '%s' finished: %s (results in %s)", job.run.name,
+                {k: round(v, 4) for k, v in summary["metrics"].items() if isinstance(v, float)}, job.out.root)
+    print(f"fedsim: final {json.dumps({k: v for k, v in summary['metrics'].items() if isinstance(v, float)})}",
+          flush=True)

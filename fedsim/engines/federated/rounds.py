@@ -1,0 +1,389 @@
+"""fedsim's own federated round loop around a Flower strategy: reproducible, resumable rounds.
+
+Flower's ``Strategy.start`` samples clients with ``random.sample`` over random node ids,
+aggregates replies in arrival order and cannot start at round ``t > 1``. This loop keeps the
+strategy's own ``configure_train`` / ``aggregate_train`` but decides the rest:
+
+* which clients train in round ``t`` is :func:`sample_clients` ``(seed, t)`` over *partition*
+  ids; the strategy sees a :class:`SampledGrid` that holds only those nodes;
+* which of them fail (dropouts, told to raise) or come back too late (stragglers, whose reply is
+  discarded) is :func:`simulated_faults` ``(seed, t)`` — deterministic, never timing-based;
+* replies are aggregated in partition order, whatever order they arrive in;
+* a round with nothing to aggregate because clients really failed (an error reply or none), or an
+  aggregated model whose test loss is NaN or infinite, stops the run with
+  :class:`fedsim.errors.RunFailedError` (exit code 1); rounds already done keep their metrics and
+  checkpoint. Simulated dropouts and stragglers are the faults the user asked for: recorded, not fatal;
+* after every round the global arrays, the strategy's state and per-partition client state
+  (SCAFFOLD's ``c_i``) are checkpointed, so ``--resume`` continues where the run stopped.
+
+It only talks to :class:`flwr.serverapp.Grid`, so Flower's simulation, a deployed SuperLink and
+fedsim's in-process grid all run it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.errors import FedsimError, RunFailedError
+from fedsim.train import derive_seed
+
+log = logging.getLogger("fedsim.federated")
+
+RUN_KEY = "fedsim-run"
+"""ConfigRecord key holding the run's config as JSON (clients are stateless and build from it)."""
+FAIL_KEY = "fedsim-fail"
+"""ConfigRecord key: this client is a simulated dropout and must raise."""
+CLIENT_STATE_KEY = "client-state"
+"""RecordDict key of per-partition client state kept by the server (not counted as traffic)."""
+QUERY_PARTITION = MessageType.QUERY
+NO_REPLY = "no reply within the round timeout (federated.reply_timeout_s)"
+
+__all__ = [
+    "sample_clients", "simulated_faults", "SampledGrid", "discover_partitions", "payload_bytes", "RoundLoop",
+    "RoundResult", "RUN_KEY", "FAIL_KEY", "CLIENT_STATE_KEY", "NO_REPLY", "num_sampled", "short_reason",
+    "check_round_had_replies", "check_global_model",
+]
+
+
+# ---- seeded choices ------------------------------------------------------------------------------
+def num_sampled(num_clients: int, clients_per_round: int, fraction_fit: float) -> int:
+    """Clients per round: ``clients_per_round`` if set, else ``fraction_fit * N`` (at least one)."""
+    k = clients_per_round if clients_per_round > 0 else max(1, int(fraction_fit * num_clients))
+    if not 1 <= k <= num_clients:
+        raise FedsimError(f"federated.clients_per_round = {k} must be in 1..num_clients ({num_clients})")
+    return k
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
+    """The partition ids that train in ``server_round``: a function of (seed, round) only, sorted."""
+    rng = np.random.default_rng(derive_seed(seed, "sample-clients", server_round))
+    return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
+
+
+def simulated_faults(
+    seed: int, server_round: int, sampled: list[int], dropout_fraction: float, straggler_fraction: float
+) -> tuple[list[int], list[int]]:
+    """(dropouts, stragglers) among ``sampled``: ``round(f * k)`` of each (at least one when f > 0).
+
+    Dropouts are told to raise in the ClientApp (exercising real failure replies); stragglers
+    train but their replies are discarded as too slow. Disjoint, sorted, keyed by (seed, round).
+    """
+    rng = np.random.default_rng(derive_seed(seed, "faults", server_round))
+    order = [sampled[i] for i in rng.permutation(len(sampled))]
+
+    def count(fraction: float) -> int:
+        return 0 if fraction <= 0 else max(1, int(round(fraction * len(sampled))))
+
+    n_drop = min(count(dropout_fraction), len(order))
+    n_slow = min(count(straggler_fraction), len(order) - n_drop)
+    return sorted(order[:n_drop]), sorted(order[n_drop:n_drop + n_slow])
+
+
+# ---- a grid view holding only the sampled nodes ---------------------------------------------------
+class SampledGrid(Grid):
+    """The real grid, except that ``get_node_ids`` lists only this round's sampled nodes.
+
+    Built with ``fraction_train = 1``, a Flower strategy then addresses exactly those nodes.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def discover_partitions(grid: Grid, num_clients: int, timeout: float = 300.0) -> dict[int, int]:
+    """Wait for ``num_clients`` nodes, ask each for its partition id; return partition -> node id.
+
+    The node owns its partition (``node_config["partition-id"]``); the server only learns it.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise FedsimError(f"only {len(nodes)} of federated.num_clients = {num_clients} nodes connected "
+                              f"within {timeout:.0f} s")
+        time.sleep(0.05)
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), node, QUERY_PARTITION, group_id="discover")
+                for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    mapping: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise FedsimError(f"node {reply.metadata.src_node_id} failed to report its partition: "
+                              f"{reply.error.reason}")
+        metrics = reply.content["metrics"]
+        partition_id, count = int(metrics["partition-id"]), int(metrics["num-partitions"])
+        if count != num_clients:
+            raise FedsimError(f"the nodes hold {count} partitions but federated.num_clients = {num_clients}; "
+                              "start as many SuperNodes as clients (flwr: options.num-supernodes)")
+        mapping[partition_id] = reply.metadata.src_node_id
+    missing = sorted(set(range(num_clients)) - set(mapping))
+    if missing:
+        raise FedsimError(f"no node reported partition(s) {missing[:10]}")
+    return dict(sorted(mapping.items()))
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of model-related arrays in a message (server-kept client state is not traffic)."""
+    return sum(len(array.data) for key, record in content.items() if isinstance(record, ArrayRecord)
+               and key != CLIENT_STATE_KEY for array in record.values())
+
+
+def _message(content: RecordDict, node_id: int, message_type: str, server_round: int) -> Message:
+    return Message(content, node_id, message_type, group_id=str(server_round))
+
+
+# ---- failures that must not pass as success ------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WRAPPED = re.compile(r"^<class '([^']*)'>:<'(.*)'>$", re.DOTALL)
+_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Dropout)): (.+)$")
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """One line of a client's error reply.
+
+    Flower writes ``<class 'pkg.Error'>:<'message'>``: that becomes ``Error: message``. Under Ray the
+    message is the actor's whole traceback; its first ``SomeError: message`` line (at the start of a
+    line, as Python prints the exception) is the exception the ClientApp raised.
+    """
+    text = _ANSI.sub("", reason).strip()
+    match = _WRAPPED.match(text)
+    kind, body = (match.group(1).rsplit(".", 1)[-1], match.group(2)) if match else ("", text)
+    lines = [line for line in body.splitlines() if line.strip()]
+    raised = next((found for line in lines if (found := _RAISED.match(line.rstrip()))), None) if len(lines) > 1 else None
+    if raised:
+        line = f"{raised.group(1)}: {raised.group(2)}"
+    else:
+        first = lines[0].strip() if lines else ""
+        line = f"{kind}: {first}" if kind else first
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def check_round_had_replies(server_round: int, sampled: list[int], errors: dict[int, str], dropouts: list[int],
+                            stragglers: list[int]) -> None:
+    """Stop the run when a round produced no usable reply because clients really failed.
+
+    Called when nothing can be aggregated. A round whose sampled clients were all discarded or failed
+    *on purpose* — simulated stragglers (``federated.straggler_fraction``) and simulated dropouts
+    (``federated.dropout_fraction``, the failure the user asked to simulate) — is recorded and the
+    global model carries over unchanged; one in which at least one client failed for real (an error
+    reply, or no reply within ``federated.reply_timeout_s``) means the clients cannot train at all
+    (empty partitions, a ClientApp that raises, diverging local training), and going on would report
+    the untrained model as a result.
+    """
+    real = {p: reason for p, reason in errors.items() if p not in dropouts}
+    discarded = [p for p in stragglers if p not in errors]
+    if not real:
+        log.warning("round %d: no client update to aggregate (%d simulated dropout(s), %d straggler(s)); "
+                    "the global model is unchanged", server_round, len(errors), len(discarded))
+        return
+    no_reply = sum(1 for reason in real.values() if reason == NO_REPLY)
+    first, reason = next(iter(sorted(real.items())))
+    parts = [f"{len(real) - no_reply} with an error reply" if len(real) > no_reply else "",
+             f"{no_reply} did not reply" if no_reply else "",
+             f"{len(errors) - len(real)} simulated dropout(s)" if len(errors) > len(real) else "",
+             f"{len(discarded)} straggler(s) discarded" if discarded else ""]
+    raise RunFailedError(
+        f"federated round {server_round}: no client update to aggregate: {len(real)} of {len(sampled)} sampled "
+        f"clients failed ({', '.join(p for p in parts if p)}); first error (client {first}): {short_reason(reason)}")
+
+
+def check_global_model(server_round: int, scores: dict[str, float], aggregated: int) -> None:
+    """Stop the run when the aggregated global model's test loss is NaN or infinite."""
+    for key, value in scores.items():
+        if key.endswith("loss") and not math.isfinite(value):
+            raise RunFailedError(
+                f"federated round {server_round}: the global model's test {key} is {value} after aggregating "
+                f"{aggregated} client update(s); lower train.lr (or the server learning rate) or check the data")
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """What one round did (one line of metrics.jsonl)."""
+
+    record: dict[str, Any]
+    arrays: ArrayRecord
+
+
+@dataclass
+class RoundLoop:
+    """Rounds of one federated run over a grid.
+
+    Attributes
+    ----------
+    strategy: a Flower strategy built with ``fraction_train = 1`` (see :mod:`strategies`).
+    num_clients, clients_per_round: N and k.
+    seed: keys sampling and faults.
+    run_json: the run config clients build from (sent in every ConfigRecord).
+    evaluate: server-side metrics of the global arrays on the test split (``test_`` prefixed).
+    dropout_fraction, straggler_fraction: simulated faults per round.
+    timeout: seconds to wait for a round's replies.
+    """
+
+    strategy: Strategy
+    num_clients: int
+    clients_per_round: int
+    seed: int
+    run_json: str
+    evaluate: Callable[[ArrayRecord], dict[str, float]]
+    dropout_fraction: float = 0.0
+    straggler_fraction: float = 0.0
+    timeout: float = 600.0
+    uses_client_state: bool = False
+    client_state: dict[int, ArrayRecord] = field(default_factory=dict)
+    nodes: dict[int, int] = field(default_factory=dict)
+    """partition id -> node id (learned by :meth:`connect`)."""
+    totals: dict[str, float] = field(default_factory=lambda: {"bytes": 0.0, "samples": 0.0})
+    _partition_of: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def connect(self, grid: Grid) -> None:
+        """Learn which node holds which partition (before the first round)."""
+        # Start-up, not a round: SuperNodes may still be connecting and each query starts a ClientApp
+        # process, so a short reply timeout (federated.reply_timeout_s) must not apply here.
+        self.nodes = discover_partitions(grid, self.num_clients, max(self.timeout, 300.0))
+        self._partition_of = {node: p for p, node in self.nodes.items()}
+
+    def _config(self, extra: dict[str, Any] | None = None) -> ConfigRecord:
+        return ConfigRecord({RUN_KEY: self.run_json, **(extra or {})})
+
+    def _per_client(self, message: Message, partition_id: int, fail: bool, server_round: int) -> Message:
+        """A message of its own for one client: a fresh RecordDict/ConfigRecord (strategies share one)."""
+        content = RecordDict(dict(message.content.items()))
+        config_key = getattr(self.strategy, "configrecord_key", "config")
+        config = ConfigRecord(dict(content[config_key].items())) if config_key in content else self._config()
+        config[FAIL_KEY] = fail
+        content[config_key] = config
+        if self.uses_client_state:
+            content[CLIENT_STATE_KEY] = self.client_state.get(partition_id, ArrayRecord())
+        return _message(content, message.metadata.dst_node_id, message.metadata.message_type, server_round)
+
+    def _by_partition(self, sent: list[Message], replies: Iterable[Message]) -> dict[int, Message]:
+        """Replies keyed by the partition they answer for.
+
+        A reply normally comes from the client's node; an error reply the SuperLink writes itself for
+        a node it found offline (a dead SuperNode) carries the SuperLink's id instead, so it is
+        matched to the message it answers.
+        """
+        replies = list(replies)  # the messages' ids are set once they were pushed
+        asked = {m.metadata.message_id: self._partition_of[m.metadata.dst_node_id] for m in sent if m.metadata.message_id}
+        out: dict[int, Message] = {}
+        for reply in replies:
+            partition_id = self._partition_of.get(reply.metadata.src_node_id)
+            if partition_id is None:
+                partition_id = asked.get(reply.metadata.reply_to_message_id)
+            if partition_id is not None:
+                out[partition_id] = reply
+        return out
+
+    def round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> RoundResult:
+        """Configure, send, collect in partition order, aggregate, evaluate."""
+        started = time.perf_counter()
+        sampled = sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round)
+        dropouts, stragglers = simulated_faults(self.seed, server_round, sampled, self.dropout_fraction,
+                                                self.straggler_fraction)
+        view = SampledGrid(grid, [self.nodes[p] for p in sampled])
+        configured = list(self.strategy.configure_train(server_round, arrays, self._config(), view))
+        messages = []
+        for message in configured:
+            partition_id = self._partition_of[message.metadata.dst_node_id]
+            messages.append(self._per_client(message, partition_id, partition_id in dropouts, server_round))
+        bytes_down = sum(payload_bytes(m.content) for m in messages)
+        replies = self._by_partition(messages, grid.send_and_receive(messages, timeout=self.timeout))
+        ordered, failed, errors = [], [], {}
+        bytes_up, samples = 0, 0
+        for partition_id in sorted(self._partition_of[m.metadata.dst_node_id] for m in messages):
+            reply = replies.get(partition_id)
+            if reply is None:
+                failed.append(partition_id)
+                errors[partition_id] = NO_REPLY
+            elif reply.has_error():
+                failed.append(partition_id)
+                errors[partition_id] = reply.error.reason
+            elif partition_id in stragglers:
+                continue  # arrived "too late": discarded, not aggregated, not counted as received
+            else:
+                bytes_up += payload_bytes(reply.content)
+                metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+                samples += int(metrics.get("samples", 0))
+                if self.uses_client_state and CLIENT_STATE_KEY in reply.content:
+                    self.client_state[partition_id] = reply.content.pop(CLIENT_STATE_KEY)
+                ordered.append(reply)
+        for partition_id, reason in errors.items():
+            log.warning("round %d: client %d failed: %s", server_round, partition_id, short_reason(reason))
+        if not ordered:
+            check_round_had_replies(server_round, sampled, errors, dropouts, stragglers)
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
+        if new_arrays is not None:
+            arrays = new_arrays
+        scores = self.evaluate(arrays)
+        if new_arrays is not None:
+            check_global_model(server_round, scores, len(ordered))
+        self.totals["bytes"] += bytes_down + bytes_up
+        self.totals["samples"] += samples
+        record: dict[str, Any] = {"round": server_round}
+        record.update({f"test_{k}": v for k, v in scores.items()})
+        for key, value in (train_metrics or {}).items():
+            if key not in ("samples", "local-steps") and isinstance(value, (int, float)):
+                record[f"train_{key}"] = float(value)
+        record.update({
+            "clients": sampled, "aggregated": [self._partition_of[r.metadata.src_node_id] for r in ordered],
+            "failed": failed, "dropouts": [p for p in failed if p in dropouts], "stragglers": stragglers,
+            "bytes_down": bytes_down, "bytes_up": bytes_up,
+            "bytes_total": self.totals["bytes"], "samples_total": self.totals["samples"],
+            "round_time_s": time.perf_counter() - started,
+        })
+        return RoundResult(record, arrays)
+
+    def evaluate_clients(self, grid: Grid, arrays: ArrayRecord, server_round: int) -> dict[int, dict[str, float]]:
+        """Every client scores ``arrays`` on its own held-out data; partition -> metrics."""
+        messages = [_message(RecordDict({"arrays": arrays, "config": self._config({FAIL_KEY: False})}), node,
+                             MessageType.EVALUATE, server_round) for node in self.nodes.values()]
+        out: dict[int, dict[str, float]] = {}
+        for partition_id, reply in self._by_partition(
+                messages, grid.send_and_receive(messages, timeout=self.timeout)).items():
+            if reply.has_error():
+                log.warning("client %d failed to evaluate: %s", partition_id, reply.error.reason.splitlines()[0])
+                continue
+            metrics = reply.content["metrics"]
+            out[partition_id] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return dict(sorted(out.items()))
+
+
+def run_json(run_dict: dict[str, Any]) -> str:
+    """The run config as clients receive it (stable key order: same text, same cache key)."""
+    return json.dumps(run_dict, sort_keys=True, default=str)

@@ -1,0 +1,1 @@
+"""Serverless decentralized training (D-PSGD gossip averaging) and its communication topologies."""

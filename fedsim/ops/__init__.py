@@ -1,0 +1,1 @@
+"""Operations around runs: child processes and ports, local clusters, TLS certificates, Ray sessions."""

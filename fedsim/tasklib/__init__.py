@@ -1,1 +1,0 @@
-"""Task definitions registered in :data:`fedsim.tasks.TASKS` (``part_a``: the exam's five tasks)."""

@@ -1,0 +1,250 @@
+"""The checks of an experiment that need more than its config: registries, the task, the data.
+
+:func:`fedsim.config.experiment_from_dict` already applied the rules that read only the config
+(ranges, ``clients_per_round <= num_clients``, ...). :func:`validate_experiment` adds, for every
+run (and every seed where the answer depends on it), before the first run starts:
+
+* the mode, the task and its options, the strategy and its options, partition and topology names;
+* what the task must support in the run's mode (data-parallel, a pipeline split of its model,
+  vectorised clients);
+* the data: every federated client, gossip node, data-parallel rank and parameter-server worker
+  gets at least one training sample (the data set is loaded once per distinct task and data).
+
+Each problem is a :class:`ConfigError` naming the file, the key and the value (exit code 2); a
+task that cannot run in a mode is an :class:`UnsupportedError` (exit code 2 as well).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.config import Experiment, RunConfig, run_violations, run_with_seed, to_dict
+from fedsim.data import DatasetSplit
+from fedsim.engines import ENGINES
+from fedsim.errors import ConfigError, FedsimError, UnsupportedError
+from fedsim.tasks import Task, make_task, task_class
+
+__all__ = ["validate_experiment", "validate_run"]
+
+DataLoader = Callable[[RunConfig], tuple[Task, DatasetSplit]]
+
+# Modes whose checks need the training split (central runs load their data themselves, once).
+_DATA_MODES = ("federated", "decentralized", "parameter_server", "ddp", "pipeline")
+
+
+def validate_experiment(experiment: Experiment, runs: Sequence[RunConfig] | None = None) -> None:
+    """Check ``runs`` (default: every run of ``experiment``) for each of the experiment's seeds.
+
+    Raises
+    ------
+    ConfigError: the first problem found, naming the file, the key and the value.
+    UnsupportedError: a task that cannot run in its run's mode.
+    """
+    runs = experiment.runs if runs is None else runs
+    loaded: dict[str, tuple[Task, DatasetSplit]] = {}
+
+    def load(run: RunConfig) -> tuple[Task, DatasetSplit]:
+        key = json.dumps([run.task, run.task_options, to_dict(run.data)], sort_keys=True, default=str)
+        if key not in loaded:
+            loaded[key] = _load(run)
+        return loaded[key]
+
+    for run in runs:
+        validate_run(run, experiment.seeds or (run.train.seed,), load, several=len(experiment.runs) > 1)
+
+
+def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | None = None,
+                 several: bool = False) -> None:
+    """Check one run for each of ``seeds`` (default: its own ``train.seed``); ``load`` gives its task
+    and data (default: load them). ``several`` names the run in messages."""
+    seeds = tuple(seeds) or (run.train.seed,)
+    err = _Errors(run, several)
+    for key, value, reason in run_violations(run):  # runs built in code did not go through the loader
+        raise err(key, value, reason)
+    if run.mode not in ENGINES:
+        raise err("mode", run.mode, f"unknown mode; known: {', '.join(sorted(ENGINES))}")
+    _task(run, err)  # the name and the options, for every mode
+    _names(run, err)
+    if run.mode not in _DATA_MODES:
+        return
+    task, split = (load or _load)(run)
+    n = len(split.train)  # type: ignore[arg-type]
+    if run.mode == "ddp":
+        task.require("data_parallel")
+        world = run.ddp.nproc * run.ddp.nnodes
+        if n < world:
+            raise err("ddp.nproc", run.ddp.nproc,
+                      f"{world} ranks ({run.ddp.nproc} x {run.ddp.nnodes} nodes) but the training split has {n} "
+                      f"samples: rank {n} would get none")
+    elif run.mode == "pipeline":
+        _pipeline(run, task, split)
+    elif run.mode == "federated":
+        if run.federated.vectorise and run.federated.engine == "local":
+            task.require("vectorise")
+        for seed in seeds:
+            _federated(run_with_seed(run, seed), task, split, err)
+    elif run.mode == "decentralized":
+        for seed in seeds:
+            _decentralized(run_with_seed(run, seed), split, err)
+    elif run.mode == "parameter_server":
+        for seed in seeds:
+            _parameter_server(run_with_seed(run, seed), split, err)
+
+
+class _Errors:
+    """ConfigErrors for one run: its file, and its name when the experiment has several runs."""
+
+    def __init__(self, run: RunConfig, several: bool) -> None:
+        self.file = run.source
+        self.where = f" (run '{run.name}')" if several else ""
+
+    def __call__(self, key: str, value: Any, reason: str) -> ConfigError:
+        return ConfigError(self.file, key, value, reason + self.where)
+
+
+# ---- names and the task --------------------------------------------------------------------------
+def _task(run: RunConfig, err: _Errors) -> Task:
+    try:
+        task_class(run.task)
+    except FedsimError as exc:
+        raise err("task", run.task, str(exc)) from exc
+    try:
+        return make_task(run.task, run.task_options, run.source)
+    except ConfigError as exc:
+        if exc.file == run.source:
+            raise
+        # Tasks name their own file "<task_options>" (or "<task_options.backbone_options>" for a
+        # wrapped task's options): put the run's file and the key's full path instead.
+        table = exc.file.strip("<>") if exc.file.startswith("<task_options") else "task_options"
+        key = table + exc.key[len("task_options"):] if exc.key.startswith("task_options") else exc.key
+        raise err(key, exc.value, exc.reason) from exc
+    except UnsupportedError:
+        raise
+    except FedsimError as exc:
+        raise err("task_options", run.task_options, str(exc)) from exc
+
+
+def _names(run: RunConfig, err: _Errors) -> None:
+    """Registry names: partitions, strategies and their options (topologies: per seed, with the data)."""
+    from fedsim.data.partition import PARTITIONERS
+
+    fed, gossip, ps = run.federated, run.decentralized, run.parameter_server
+    for key, value, allowed in (("federated.partition", fed.partition, PARTITIONERS),
+                                ("decentralized.partition", gossip.partition, PARTITIONERS),
+                                ("parameter_server.shards", ps.shards, ("strided", *PARTITIONERS))):
+        if value not in allowed:
+            raise err(key, value, f"unknown partition; known: {', '.join(allowed)}")
+    if run.mode == "federated":
+        from strategies import StrategyContext, make_strategy
+
+        try:
+            make_strategy(fed.strategy, fed.strategy_options, StrategyContext(fed.num_clients), file=run.source)
+        except ConfigError as exc:
+            raise err(exc.key, exc.value, exc.reason) from exc
+
+
+# ---- the data ------------------------------------------------------------------------------------
+def _load(run: RunConfig) -> tuple[Task, DatasetSplit]:
+    from fedsim.engines.common import load_task_data
+
+    try:
+        return load_task_data(run)
+    except TypeError as exc:  # a loader keyword it does not take
+        raise ConfigError(run.source, "data.options", run.data.options, str(exc)) from exc
+
+
+def _labels(split: DatasetSplit) -> np.ndarray:
+    from fedsim.data.partition import partition_labels
+
+    return partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
+
+
+def _partition_error(exc: FedsimError, section: str, count_key: str, count: int, n: int,
+                     err: _Errors, value_of: Callable[[str], Any]) -> ConfigError:
+    """A partitioner's FedsimError as a ConfigError on the key it is about."""
+    text = str(exc)
+    if "alpha" in text:
+        key = f"{section}.alpha"
+    elif "shards_per_client" in text:
+        key = f"{section}.shards_per_client"
+    elif "class labels" in text or "unknown partition" in text:
+        key = f"{section}.partition" if section != "parameter_server" else "parameter_server.shards"
+    else:
+        key = count_key
+    return err(key, value_of(key), f"{text} ({count} parts of a training split of {n} samples)")
+
+
+def _empty(count_key: str, count: int, what: str, n: int, sizes: list[int], seed: int, err: _Errors) -> None:
+    empty = [i for i, size in enumerate(sizes) if size == 0]
+    if not empty:
+        return
+    more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+    raise err(count_key, count,
+              f"{count} {what}s but the training split has {n} samples: {what} {empty[0]}{more} would get no "
+              f"training sample (train.seed = {seed})")
+
+
+def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> None:
+    """Every client keeps at least one training sample, derived exactly as the ClientApp does."""
+    from fedsim.data.partition import split_holdout
+    from fedsim.engines.federated.flower_app import client_partition
+
+    fed, n, seed = run.federated, len(split.train), run.train.seed  # type: ignore[arg-type]
+    if n < fed.num_clients:
+        sizes = [1] * n + [0] * (fed.num_clients - n)
+        _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
+    try:
+        parts = client_partition(run, task, split)
+    except FedsimError as exc:
+        raise _partition_error(exc, "federated", "federated.num_clients", fed.num_clients, n, err,
+                               lambda key: getattr(fed, key.split(".")[1])) from exc
+    sizes = [len(split_holdout(p, fed.client_test_fraction, seed, pid)[0]) for pid, p in enumerate(parts)]
+    _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
+
+
+def _decentralized(run: RunConfig, split: DatasetSplit, err: _Errors) -> None:
+    from fedsim.data.partition import partition
+    from fedsim.engines.gossip.topology import topology_matrix
+
+    cfg, n, seed = run.decentralized, len(split.train), run.train.seed  # type: ignore[arg-type]
+    if n < cfg.nodes:
+        _empty("decentralized.nodes", cfg.nodes, "node", n, [1] * n + [0] * (cfg.nodes - n), seed, err)
+    try:  # random_regular draws its graph from the seed: each seed is checked
+        topology_matrix(cfg.topology, cfg.nodes, degree=cfg.degree, seed=seed, weights=cfg.mixing)
+    except FedsimError as exc:
+        raise err("decentralized.topology", cfg.topology, str(exc)) from exc
+    try:
+        parts = partition(_labels(split), cfg.nodes, cfg.partition, seed=seed, alpha=cfg.alpha)
+    except FedsimError as exc:
+        raise _partition_error(exc, "decentralized", "decentralized.nodes", cfg.nodes, n, err,
+                               lambda key: getattr(cfg, key.split(".")[1], None)) from exc
+    _empty("decentralized.nodes", cfg.nodes, "node", n, [len(p) for p in parts], seed, err)
+
+
+def _parameter_server(run: RunConfig, split: DatasetSplit, err: _Errors) -> None:
+    from fedsim.data.partition import partition
+
+    cfg, n, seed = run.parameter_server, len(split.train), run.train.seed  # type: ignore[arg-type]
+    if n < cfg.workers:
+        _empty("parameter_server.workers", cfg.workers, "worker", n, [1] * n + [0] * (cfg.workers - n), seed, err)
+    if cfg.shards == "strided":
+        return
+    try:
+        parts = partition(_labels(split), cfg.workers, cfg.shards, seed=seed, alpha=cfg.alpha)
+    except FedsimError as exc:
+        raise _partition_error(exc, "parameter_server", "parameter_server.workers", cfg.workers, n, err,
+                               lambda key: getattr(cfg, key.split(".")[1], None)) from exc
+    _empty("parameter_server.workers", cfg.workers, "worker", n, [len(p) for p in parts], seed, err)
+
+
+def _pipeline(run: RunConfig, task: Task, split: DatasetSplit) -> None:
+    """The split against the task's model (built on the CPU), as the engine checks it before launching."""
+    from fedsim.engines.common import build_model
+    from fedsim.engines.parallel.pipeline_split import plan_split
+
+    plan_split(build_model(task, split, run, torch.device("cpu")), task, run)
