@@ -153,7 +153,9 @@ class FederatedConfig:
     no Ray, proven equal to Flower's simulation (tests/test_local_grid_equality.py); ``flower`` =
     Flower's own ``run_simulation`` (Ray actors, ``cpus_per_client`` / ``gpus_per_client`` each)."""
     num_clients: int = 10
-    """Number of clients (partitions / SuperNodes)."""
+    """Number of clients (partitions / SuperNodes). With ``partition = "natural"`` (and Flower Datasets'
+    ``NaturalIdPartitioner``) the data fix it: leave it out (it is read from the data before the run
+    starts) or give the same number."""
     clients_per_round: int = 0
     """Clients sampled per round; 0 = use ``fraction_fit``."""
     fraction_fit: float = 1.0
@@ -170,7 +172,14 @@ class FederatedConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     """Strategy keyword arguments (e.g. ``proximal_mu``, ``server_learning_rate``)."""
     partition: str = "iid"
-    """iid | dirichlet | shards | quantity_skew."""
+    """iid | dirichlet | shards | quantity_skew (fedsim's seeded partitioners); natural (the data's own
+    clients: LEAF users, an ``hf`` client column); flwr (a Flower Datasets partitioner, below)."""
+    partitioner: str = ""
+    """``partition = "flwr"``: the class in ``flwr_datasets.partitioner`` (e.g. "DirichletPartitioner",
+    "IidPartitioner", "NaturalIdPartitioner"); ``num_partitions`` is ``num_clients``."""
+    partitioner_options: dict[str, Any] = field(default_factory=dict)
+    """``partition = "flwr"``: the partitioner's keyword arguments (e.g. ``{ alpha = 0.5,
+    partition_by = "label" }``); ``seed`` defaults to ``train.seed``."""
     alpha: float = 1.0
     """Dirichlet concentration (smaller = more skew)."""
     shards_per_client: int = 2
@@ -497,6 +506,8 @@ def _get(run: RunConfig, dotted: str) -> Any:
 def _range_violations(run: RunConfig) -> Iterator[Violation]:
     for key, least in _INT_MIN.items():
         value = _get(run, key)
+        if key == "federated.num_clients" and value == NUM_CLIENTS_FROM_DATA and data_fixes_num_clients(run.federated):
+            continue  # read from the data before the run starts
         if value < least:
             off = " (-1 = off)" if least == -1 else ""
             yield key, value, f"must be >= {least}{off}"
@@ -523,7 +534,25 @@ def _faulty(fraction: float, k: int) -> int:
     return 0 if fraction <= 0 else max(1, int(round(fraction * k)))
 
 
+def data_fixes_num_clients(fed: FederatedConfig) -> bool:
+    """Whether the data decide how many clients there are (natural partitions)."""
+    return fed.partition == "natural" or (fed.partition == "flwr" and fed.partitioner == "NaturalIdPartitioner")
+
+
+NUM_CLIENTS_FROM_DATA = 0
+"""``federated.num_clients`` of a natural-partition run whose file leaves it out, until the data pass
+(:mod:`fedsim.validation`) reads the number of clients from the data."""
+
+
 def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
+    if fed.num_clients == NUM_CLIENTS_FROM_DATA and data_fixes_num_clients(fed):
+        return  # counts and cohort sizes are checked once the data have told how many clients there are
+    if fed.partition == "flwr" and not fed.partitioner:
+        yield ("federated.partitioner", fed.partitioner,
+               'partition = "flwr" needs a Flower Datasets partitioner class, e.g. "DirichletPartitioner"')
+    if fed.partitioner and fed.partition != "flwr":
+        yield ("federated.partition", fed.partition, f'federated.partitioner = "{fed.partitioner}" is used only '
+               'with partition = "flwr"')
     if fed.clients_per_round > fed.num_clients:
         yield ("federated.clients_per_round", fed.clients_per_round,
                f"more than federated.num_clients = {fed.num_clients}: a round cannot sample more clients than "
@@ -658,6 +687,10 @@ def experiment_from_dict(
         merged = deep_merge(deep_merge(defaults, table), run_overrides)
         merged.setdefault("name", table.get("name") or (name if len(run_tables) == 1 else f"run{index}"))
         merged["source"] = file
+        federated = merged.get("federated")
+        if isinstance(federated, dict) and "num_clients" not in federated and \
+                data_fixes_num_clients(from_dict(FederatedConfig, federated, file, f"{prefix}.federated".lstrip("."))):
+            federated["num_clients"] = NUM_CLIENTS_FROM_DATA  # the data will say
         run = from_dict(RunConfig, merged, file, prefix)
         for key, value, reason in run_violations(run):
             raise ConfigError(file, _written_key(key, table, index if "runs" in raw else None), value, reason)

@@ -60,7 +60,9 @@ def run_experiment(
     runs = [r for r in experiment.runs if not only or r.name in only]
     if only and not runs:
         raise FedsimError(f"no run named {', '.join(only)} in {experiment.source}")
-    validate_experiment(experiment, runs)  # the checks that need the task or the data, before any run starts
+    # The checks that need the task or the data, before any run starts; natural partitions' client
+    # counts come back resolved from the data.
+    runs = validate_experiment(experiment, runs)
     root = Path(out) / experiment.name
     summaries: list[dict[str, Any]] = []
     repeated = bool(experiment.seeds)

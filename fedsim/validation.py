@@ -16,6 +16,7 @@ task that cannot run in a mode is an :class:`UnsupportedError` (exit code 2 as w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.config import Experiment, RunConfig, run_violations, run_with_seed, to_dict
+from fedsim.config import (
+    NUM_CLIENTS_FROM_DATA,
+    Experiment,
+    RunConfig,
+    data_fixes_num_clients,
+    run_violations,
+    run_with_seed,
+    to_dict,
+)
 from fedsim.data import DatasetSplit
 from fedsim.engines import ENGINES
 from fedsim.errors import ConfigError, FedsimError, UnsupportedError
@@ -37,8 +46,9 @@ DataLoader = Callable[[RunConfig], tuple[Task, DatasetSplit]]
 _DATA_MODES = ("federated", "decentralized", "parameter_server", "ddp", "pipeline")
 
 
-def validate_experiment(experiment: Experiment, runs: Sequence[RunConfig] | None = None) -> None:
-    """Check ``runs`` (default: every run of ``experiment``) for each of the experiment's seeds.
+def validate_experiment(experiment: Experiment, runs: Sequence[RunConfig] | None = None) -> list[RunConfig]:
+    """Check ``runs`` (default: every run of ``experiment``) for each of the experiment's seeds; return
+    them resolved (natural partitions: ``federated.num_clients`` as the data say).
 
     Raises
     ------
@@ -54,14 +64,15 @@ def validate_experiment(experiment: Experiment, runs: Sequence[RunConfig] | None
             loaded[key] = _load(run)
         return loaded[key]
 
-    for run in runs:
-        validate_run(run, experiment.seeds or (run.train.seed,), load, several=len(experiment.runs) > 1)
+    return [validate_run(run, experiment.seeds or (run.train.seed,), load, several=len(experiment.runs) > 1)
+            for run in runs]
 
 
 def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | None = None,
-                 several: bool = False) -> None:
+                 several: bool = False) -> RunConfig:
     """Check one run for each of ``seeds`` (default: its own ``train.seed``); ``load`` gives its task
-    and data (default: load them). ``several`` names the run in messages."""
+    and data (default: load them). ``several`` names the run in messages. Returns the run, resolved:
+    a natural partition's number of clients comes from the data."""
     seeds = tuple(seeds) or (run.train.seed,)
     err = _Errors(run, several)
     for key, value, reason in run_violations(run):  # runs built in code did not go through the loader
@@ -71,7 +82,7 @@ def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | N
     _task(run, err)  # the name and the options, for every mode
     _names(run, err)
     if run.mode not in _DATA_MODES:
-        return
+        return run
     task, split = (load or _load)(run)
     n = len(split.train)  # type: ignore[arg-type]
     if run.mode == "ddp":
@@ -86,6 +97,7 @@ def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | N
     elif run.mode == "federated":
         if run.federated.vectorise and run.federated.engine == "local":
             task.require("vectorise")
+        run = _natural_clients(run, task, split, err)
         for seed in seeds:
             _federated(run_with_seed(run, seed), task, split, err)
     elif run.mode == "decentralized":
@@ -94,6 +106,29 @@ def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | N
     elif run.mode == "parameter_server":
         for seed in seeds:
             _parameter_server(run_with_seed(run, seed), split, err)
+    return run
+
+
+def _natural_clients(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> RunConfig:
+    """A partition the data fix (LEAF users, a client column, NaturalIdPartitioner) sets the number of
+    clients: taken from the data when the file leaves it out; a different explicit number is an error."""
+    fed = run.federated
+    if not data_fixes_num_clients(fed):
+        return run
+    from fedsim.engines.federated.flower_app import client_partition
+
+    try:
+        count = len(client_partition(run, task, split))
+    except FedsimError as exc:
+        raise err("federated.partition", fed.partition, str(exc).split(": ", 1)[-1]) from exc
+    if fed.num_clients not in (NUM_CLIENTS_FROM_DATA, count):
+        raise err("federated.num_clients", fed.num_clients,
+                  f"the data come with {count} clients (federated.partition = '{fed.partition}'); leave "
+                  f"num_clients out or set it to {count}")
+    resolved = dataclasses.replace(run, federated=dataclasses.replace(fed, num_clients=count))
+    for key, value, reason in run_violations(resolved):  # cohort sizes against the real count
+        raise err(key, value, reason)
+    return resolved
 
 
 class _Errors:
@@ -134,7 +169,7 @@ def _names(run: RunConfig, err: _Errors) -> None:
     from fedsim.data.partition import PARTITIONERS
 
     fed, gossip, ps = run.federated, run.decentralized, run.parameter_server
-    for key, value, allowed in (("federated.partition", fed.partition, PARTITIONERS),
+    for key, value, allowed in (("federated.partition", fed.partition, (*PARTITIONERS, "natural", "flwr")),
                                 ("decentralized.partition", gossip.partition, PARTITIONERS),
                                 ("parameter_server.shards", ps.shards, ("strided", *PARTITIONERS))):
         if value not in allowed:
@@ -191,19 +226,18 @@ def _empty(count_key: str, count: int, what: str, n: int, sizes: list[int], seed
 
 def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> None:
     """Every client keeps at least one training sample, derived exactly as the ClientApp does."""
-    from fedsim.data.partition import split_holdout
-    from fedsim.engines.federated.flower_app import client_partition
+    from fedsim.engines.federated.flower_app import client_splits
 
     fed, n, seed = run.federated, len(split.train), run.train.seed  # type: ignore[arg-type]
     if n < fed.num_clients:
         sizes = [1] * n + [0] * (fed.num_clients - n)
         _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
     try:
-        parts = client_partition(run, task, split)
+        splits = client_splits(run, task, split)
     except FedsimError as exc:
         raise _partition_error(exc, "federated", "federated.num_clients", fed.num_clients, n, err,
                                lambda key: getattr(fed, key.split(".")[1])) from exc
-    sizes = [len(split_holdout(p, fed.client_test_fraction, seed, pid)[0]) for pid, p in enumerate(parts)]
+    sizes = [len(splits.train_idx[pid]) for pid in range(len(splits.train_idx))]
     _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 
@@ -24,8 +25,8 @@ def _partitions(args: argparse.Namespace) -> int:
     from fedsim.validation import validate_experiment
 
     experiment = load_experiment(args.experiment, tuple(args.overrides))
-    validate_experiment(experiment, [r for r in experiment.runs if r.mode == "federated"])
-    partition_report(experiment, args.out)
+    federated = validate_experiment(experiment, [r for r in experiment.runs if r.mode == "federated"])
+    partition_report(dataclasses.replace(experiment, runs=tuple(federated)), args.out)
     return 0
 
 

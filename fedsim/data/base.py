@@ -1,8 +1,10 @@
-"""Dataset plumbing shared by every loader: the split container, stratified split, normalisation."""
+"""Dataset plumbing shared by every loader: the split container (with natural clients), stratified split,
+normalisation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,48 @@ class DataInfo:
     num_classes: int
 
 
+@dataclass(frozen=True)
+class NaturalClients:
+    """The clients a data set comes with (LEAF users, a client-id column), as CSR-style index groups.
+
+    Client ``k`` holds ``train_order[train_offsets[k]:train_offsets[k + 1]]`` of the train split and
+    likewise of the test split (its own held-out data, as LEAF splits each user). Looking one client
+    up costs O(its size); nothing of size "number of clients" is built per round.
+    """
+
+    names: tuple[str, ...]
+    """Client names as the data call them (LEAF user ids, column values), in client-index order."""
+    train_order: np.ndarray
+    train_offsets: np.ndarray
+    test_order: np.ndarray
+    test_offsets: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.names)
+
+    def train_indices(self, client: int) -> np.ndarray:
+        return self.train_order[self.train_offsets[client]:self.train_offsets[client + 1]]
+
+    def test_indices(self, client: int) -> np.ndarray:
+        return self.test_order[self.test_offsets[client]:self.test_offsets[client + 1]]
+
+    @classmethod
+    def from_ids(cls, train_ids: np.ndarray, test_ids: np.ndarray, names: tuple[str, ...]) -> NaturalClients:
+        """Group samples by integer client id (``0 <= id < len(names)``), keeping each client's samples in
+        their original order."""
+        def group(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            ids = np.asarray(ids, dtype=np.int64)
+            order = np.argsort(ids, kind="stable")
+            offsets = np.zeros(len(names) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(ids, minlength=len(names)), out=offsets[1:])
+            return order, offsets
+
+        train_order, train_offsets = group(train_ids)
+        test_order, test_offsets = group(test_ids)
+        return cls(tuple(names), train_order, train_offsets, test_order, test_offsets)
+
+
 @dataclass
 class DatasetSplit:
     """A train/test pair of ``TensorDataset(x, y)`` plus what describes them."""
@@ -33,6 +77,11 @@ class DatasetSplit:
     train: TensorDataset
     test: TensorDataset
     info: DataInfo
+    clients: NaturalClients | None = None
+    """The data's own clients, for ``federated.partition = "natural"`` (None: no natural clients)."""
+    table: Any = None
+    """The train split's source table (a Hugging Face ``Dataset`` whose rows are the train samples in
+    order), for Flower Datasets partitioners that split by one of its columns; None for array data."""
 
 
 def stratified_split(

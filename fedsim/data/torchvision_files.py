@@ -101,3 +101,24 @@ def load_mnist(data_dir: str, normalise: bool = True, **_: object) -> DatasetSpl
 
 def load_fashion_mnist(data_dir: str, normalise: bool = True, **_: object) -> DatasetSplit:
     return load_idx_dataset("fashion_mnist", "FashionMNIST", data_dir, normalise)
+
+
+def write_cifar10_standin(data_dir: str | Path, *, per_batch: int = 20, test: int = 40, seed: int = 0) -> Path:
+    """A tiny stand-in of CIFAR-10's python version under ``<data_dir>/cifar-10-batches-py``: the same
+    pickles (``data_batch_1..5``, ``test_batch``; ``b"data"`` uint8 ``[N, 3072]``, ``b"labels"``), with
+    class-dependent colours so that a few steps learn something. For tests and smoke runs."""
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (10, 3, 1, 1))
+
+    def batch(n: int) -> dict[bytes, object]:
+        labels = rng.integers(0, 10, n)
+        noise = rng.normal(0, 40, (n, 3, 32, 32))
+        images = np.clip(palette[labels] + noise, 0, 255).astype(np.uint8)
+        return {b"data": images.reshape(n, -1), b"labels": labels.tolist()}
+
+    for name in CIFAR_TRAIN:
+        (folder / name).write_bytes(pickle.dumps(batch(per_batch)))
+    (folder / CIFAR_TEST[0]).write_bytes(pickle.dumps(batch(test)))
+    return folder

@@ -1,8 +1,11 @@
 """``fedsim partitions EXPERIMENT.toml``: who holds which labels, as a table and a PNG heat map.
 
 For every federated run of the experiment (at its first seed), the partition its clients would
-train on: per-client label counts, sizes and the label skew (mean total-variation distance of a
-client's label mix from the global one). Runs with the same partition settings are shown once.
+train on — fedsim's partitioners, the data's natural clients (LEAF users, a client column) or a
+Flower Datasets partitioner: per-client label counts, sizes and the label skew (mean
+total-variation distance of a client's label mix from the global one). Many clients or classes
+(natural partitions have thousands) give a summary of the size distribution instead of one row per
+client, and the heat map shows the first clients. Runs with the same partition settings are shown once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,31 @@ def _settings(run: RunConfig) -> tuple[Any, ...]:
     fed = run.federated
     return (run.task, repr(run.task_options), repr(run.data), run.train.seed, fed.num_clients, fed.partition,
             fed.alpha if fed.partition in ("dirichlet", "quantity_skew") else None,
-            fed.shards_per_client if fed.partition == "shards" else None)
+            fed.shards_per_client if fed.partition == "shards" else None,
+            (fed.partitioner, repr(fed.partitioner_options)) if fed.partition == "flwr" else None)
+
+
+MAX_ROWS, MAX_CLASSES = 30, 20
+"""Beyond these, a partition is summarised (size distribution) rather than listed client by client."""
+
+
+def describe(run: RunConfig) -> str:
+    """The partition in words: ``dirichlet(alpha=0.1)``, ``natural``, ``flwr DirichletPartitioner(alpha=0.5)``."""
+    fed = run.federated
+    if fed.partition in ("dirichlet", "quantity_skew"):
+        return f"{fed.partition}(alpha={fed.alpha:g})"
+    if fed.partition == "flwr":
+        options = ", ".join(f"{k}={v}" for k, v in fed.partitioner_options.items())
+        return f"flwr {fed.partitioner}({options})"
+    return fed.partition
+
+
+def size_summary(sizes: np.ndarray) -> list[Any]:
+    """min, 10th percentile, median, mean, 90th percentile and max of the clients' sizes."""
+    if not len(sizes):
+        return [0, "0", "0", "0.0", "0", 0]
+    q = np.percentile(sizes, [10, 50, 90])
+    return [int(sizes.min()), f"{q[0]:.0f}", f"{q[1]:.0f}", f"{sizes.mean():.1f}", f"{q[2]:.0f}", int(sizes.max())]
 
 
 def heat_map(counts: np.ndarray, path: Path, title: str) -> Path:
@@ -73,14 +100,20 @@ def partition_report(experiment: Experiment | str | Path, out: str | Path = "res
         labels = partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
         counts = label_counts(labels, parts, max(split.info.num_classes, 1))
         skew = label_skew(labels, parts)
-        fed = run.federated
-        title = (f"{experiment.name} / {run.name}: {fed.partition}"
-                 + (f"(alpha={fed.alpha:g})" if fed.partition in ("dirichlet", "quantity_skew") else "")
-                 + f", {fed.num_clients} clients, seed {run.train.seed}, label skew {skew:.3f}")
-        columns = ["client", "samples", *[str(c) for c in range(counts.shape[1])]]
-        rows = [[p, int(counts[p].sum()), *[int(v) for v in counts[p]]] for p in range(len(parts))]
-        print_table(title, columns, rows)
-        path = heat_map(counts, Path(out) / experiment.name / f"partitions-{run.name}.png", title)
+        title = (f"{experiment.name} / {run.name}: {describe(run)}, {len(parts)} clients, seed {run.train.seed}, "
+                 f"label skew {skew:.3f}")
+        sizes = counts.sum(axis=1)
+        if len(parts) <= MAX_ROWS and counts.shape[1] <= MAX_CLASSES:
+            columns = ["client", "samples", *[str(c) for c in range(counts.shape[1])]]
+            rows = [[p, int(counts[p].sum()), *[int(v) for v in counts[p]]] for p in range(len(parts))]
+        else:
+            classes_held = (counts > 0).sum(axis=1)
+            columns = ["clients", "samples", "min", "p10", "median", "mean", "p90", "max", "classes/client (median)"]
+            rows = [[len(parts), int(sizes.sum()), *size_summary(sizes), f"{np.median(classes_held):.0f}"]]
+        print_table(title, columns, rows, width=120)
+        shown = counts[:40]  # a readable heat map: the first clients
+        path = heat_map(shown, Path(out) / experiment.name / f"partitions-{run.name}.png",
+                        title + ("" if len(counts) <= 40 else f" (first 40 of {len(counts)} clients)"))
         print(f"wrote {path}")
         reports.append({"run": run.name, "counts": counts, "skew": skew, "png": path})
     return reports

@@ -207,6 +207,10 @@ TASKS: dict[str, str] = {
     "dual_head_vit": "fedsim.tasks.part_a:DualHeadViTTask",
     "mae": "fedsim.tasks.mae:MAETask",
     "fewshot_dc": "fedsim.tasks.fewshot:FewShotDCTask",
+    "femnist_cnn": "fedsim.tasks.benchmark:FemnistCNNTask",
+    "shakespeare_lstm": "fedsim.tasks.benchmark:ShakespeareLSTMTask",
+    "cifar_cnn": "fedsim.tasks.benchmark:CifarCNNTask",
+    "resnet18_gn": "fedsim.tasks.benchmark:ResNet18GNTask",
 }
 
 

@@ -35,7 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from fedsim.checkpoint import atomic_write_json, load_checkpoint, make_checkpoint, save_checkpoint
 from fedsim.config import RunConfig, from_dict, to_dict
@@ -79,14 +79,48 @@ class SimulatedDropout(RuntimeError):
 
 # ---- client side ---------------------------------------------------------------------------------
 def client_partition(run: RunConfig, task: Task, split: DatasetSplit) -> list[np.ndarray]:
-    """Every client's training indices for ``run`` (seeded by ``train.seed``)."""
+    """Every client's samples of the train split for ``run``: the data's own clients (``natural``), a
+    Flower Datasets partitioner's partitions (``flwr``), or fedsim's seeded partitioners."""
     fed = run.federated
+    if fed.partition == "natural":
+        if split.clients is None:
+            raise FedsimError(f"{run.source}: federated.partition = 'natural' needs data that come with their "
+                              f"clients (leaf, or hf with a client_column); '{split.info.name}' has none")
+        return [split.clients.train_indices(k) for k in range(split.clients.num_clients)]
+    if fed.partition == "flwr":
+        from fedsim.data.flwr_partitions import flwr_partition
+
+        return flwr_partition(split, fed.partitioner, dict(fed.partitioner_options), fed.num_clients, run.train.seed)
     labels = partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
     if fed.partition in ("dirichlet", "shards") and not labels.any() and split.info.num_classes == 0:
         raise FedsimError(f"{run.source}: federated.partition = '{fed.partition}' needs class labels; "
                           f"task '{run.task}' has none (use iid or quantity_skew)")
     return partition(labels, fed.num_clients, fed.partition, seed=run.train.seed, alpha=fed.alpha,
                      shards_per_client=fed.shards_per_client)
+
+
+@dataclass
+class ClientSplits:
+    """Each client's training samples (of the train split) and held-out samples (of ``held_from``)."""
+
+    train_idx: dict[int, list[int]]
+    held_idx: dict[int, list[int]]
+    held_from: Dataset
+
+
+def client_splits(run: RunConfig, task: Task, split: DatasetSplit) -> ClientSplits:
+    """What every client trains and is scored on. Natural clients keep their own test samples, as
+    the data split them (LEAF's per-user train/test); other partitions hold out a seeded
+    ``client_test_fraction`` of each client's partition."""
+    parts = client_partition(run, task, split)
+    if run.federated.partition == "natural" and split.clients is not None:
+        return ClientSplits({k: p.tolist() for k, p in enumerate(parts)},
+                            {k: split.clients.test_indices(k).tolist() for k in range(len(parts))}, split.test)
+    train_idx, held_idx = {}, {}
+    for pid, indices in enumerate(parts):
+        kept, held = split_holdout(indices, run.federated.client_test_fraction, run.train.seed, pid)
+        train_idx[pid], held_idx[pid] = kept.tolist(), held.tolist()
+    return ClientSplits(train_idx, held_idx, split.train)
 
 
 @dataclass
@@ -99,6 +133,8 @@ class ClientData:
     model: nn.Module
     train_idx: dict[int, list[int]]
     held_idx: dict[int, list[int]]
+    held_from: Dataset
+    """The data set ``held_idx`` index (the train split, or the test split for natural clients)."""
 
 
 _CACHE: dict[str, ClientData] = {}
@@ -107,7 +143,8 @@ _CACHE: dict[str, ClientData] = {}
 def _data_key(run: RunConfig) -> str:
     fed = run.federated
     return json.dumps([run.task, run.task_options, to_dict(run.data), run.train.seed, run.train.dtype, fed.num_clients,
-                       fed.partition, fed.alpha, fed.shards_per_client, fed.client_test_fraction],
+                       fed.partition, fed.partitioner, fed.partitioner_options, fed.alpha, fed.shards_per_client,
+                       fed.client_test_fraction],
                       sort_keys=True, default=str)
 
 
@@ -119,12 +156,8 @@ def client_data(run: RunConfig) -> ClientData:
             _CACHE.clear()
         task, split = load_task_data(run)
         model = build_model(task, split, run, torch.device("cpu"))
-        parts = client_partition(run, task, split)
-        train_idx, held_idx = {}, {}
-        for pid, indices in enumerate(parts):
-            kept, held = split_holdout(indices, run.federated.client_test_fraction, run.train.seed, pid)
-            train_idx[pid], held_idx[pid] = kept.tolist(), held.tolist()
-        _CACHE[key] = ClientData(run, task, split, model, train_idx, held_idx)
+        splits = client_splits(run, task, split)
+        _CACHE[key] = ClientData(run, task, split, model, splits.train_idx, splits.held_idx, splits.held_from)
     return _CACHE[key]
 
 
@@ -263,7 +296,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if held:
         data.model.eval()
         with torch.no_grad():
-            scores = data.task.evaluate(data.model, Subset(data.split.train, held), run.train.eval_batch_size)
+            scores = data.task.evaluate(data.model, Subset(data.held_from, held), run.train.eval_batch_size)
         metrics.update({k: float(v) for k, v in scores.items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -276,7 +309,10 @@ def base_statistics(msg: Message, context: Context) -> Message:
     _threads(run)
     data = client_data(run)
     _load(data.model, msg.content["arrays"])
-    indices = sorted(data.train_idx[pid] + data.held_idx[pid])  # the whole partition: every sample once
+    # The whole partition of the train split, every sample once (natural clients' held-out samples
+    # belong to the test split).
+    held = data.held_idx[pid] if data.held_from is data.split.train else []
+    indices = sorted(data.train_idx[pid] + held)
     x, y = data.split.train.tensors  # type: ignore[attr-defined]
     return fed_fewshot.client_reply(msg, data.task, data.model, x[indices], y[indices], data.split.info.num_classes)
 
