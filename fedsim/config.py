@@ -186,10 +186,26 @@ class FederatedConfig:
     """Classes per client for ``shards``."""
     client_test_fraction: float = 0.2
     """Fraction of each client's partition held out for per-client accuracy."""
+    evaluate_clients: int | float = 1000
+    """Clients that score the global model on their own held-out data: a count (an integer), or a
+    fraction of the population (a float in (0, 1]); all clients when it covers them, else a seeded
+    sample (keyed by seed and round). The default keeps every client of small populations and caps
+    large ones at 1000."""
+    evaluate_clients_every: int = 0
+    """Also evaluate such a cohort every k rounds (0 = only at the end)."""
+    client_metrics_file: bool = False
+    """Write each evaluated client's metrics to ``client_metrics.jsonl.gz`` (the summary keeps their
+    distribution: mean, quantiles, worst 10 %)."""
     dropout_fraction: float = 0.0
     """Seeded fraction of sampled clients that fail each round (simulated dropouts)."""
     straggler_fraction: float = 0.0
-    """Seeded fraction of sampled clients dropped as too slow each round."""
+    """Seeded fraction of sampled clients that are stragglers each round (what they do: ``straggler_work``)."""
+    straggler_work: Literal["drop", "partial"] = "drop"
+    """What a straggler contributes. ``drop`` = it trains but its reply comes too late and is discarded
+    (FedAvg in FedProx's experiments). ``partial`` = it trains a seeded random number of local epochs,
+    uniform in ``[1, local_epochs]`` and keyed by (seed, round, partition) (``[1, local_steps]`` steps when
+    ``local_steps`` > 0), and its reply is aggregated like any other (FedProx's systems heterogeneity,
+    Li et al. 2020, section 5.2)."""
     cpus_per_client: float = 1.0
     """CPUs per simulated client (Flower's ``client_resources``; also the client's torch threads when
     ``train.threads`` is 0). Was ``num_cpus``."""
@@ -440,7 +456,7 @@ _INT_MIN: dict[str, int] = {
     "pipeline.timeout_s": 1,
     "federated.num_clients": 1, "federated.clients_per_round": 0, "federated.rounds": 1,
     "federated.local_epochs": 0, "federated.local_steps": 0, "federated.shards_per_client": 1,
-    "federated.worker_processes": 0,
+    "federated.worker_processes": 0, "federated.evaluate_clients_every": 0,
     "parameter_server.workers": 1, "parameter_server.steps": 0, "parameter_server.ray_num_cpus": 0,
     "decentralized.degree": 1, "decentralized.nodes": 1, "decentralized.rounds": 1,
     "decentralized.local_steps": 0, "decentralized.timeout_s": 1,
@@ -545,6 +561,11 @@ NUM_CLIENTS_FROM_DATA = 0
 
 
 def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
+    size = fed.evaluate_clients
+    if isinstance(size, float) and not 0 < size <= 1:
+        yield ("federated.evaluate_clients", size, "a fraction of the clients must be in (0, 1] (an integer is a count)")
+    if isinstance(size, int) and size < 1:
+        yield ("federated.evaluate_clients", size, "the evaluation cohort needs at least one client")
     if fed.num_clients == NUM_CLIENTS_FROM_DATA and data_fixes_num_clients(fed):
         return  # counts and cohort sizes are checked once the data have told how many clients there are
     if fed.partition == "flwr" and not fed.partitioner:
@@ -567,6 +588,8 @@ def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
     k = _sampled_per_round(fed)
     dropped = min(_faulty(fed.dropout_fraction, k), k)
     slow = min(_faulty(fed.straggler_fraction, k), k - dropped)
+    if fed.straggler_work == "partial":
+        slow = 0  # stragglers doing partial work reply and are aggregated
     if total <= 1 and k - dropped - slow < 1:
         key, value = (("federated.dropout_fraction", fed.dropout_fraction) if fed.dropout_fraction > 0
                       else ("federated.straggler_fraction", fed.straggler_fraction))

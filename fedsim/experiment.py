@@ -21,6 +21,7 @@ REPORTS: dict[str, str] = {
     "central_vs_federated": "fedsim.reports.compare:report",
     "topologies": "fedsim.reports.topologies:report_topologies",
     "fewshot_dc": "fedsim.reports.fewshot:report_fewshot",
+    "fedprox": "fedsim.reports.fedprox:report_fedprox",
 }
 
 

@@ -115,10 +115,10 @@ def _natural_clients(run: RunConfig, task: Task, split: DatasetSplit, err: _Erro
     fed = run.federated
     if not data_fixes_num_clients(fed):
         return run
-    from fedsim.engines.federated.flower_app import client_partition
+    from fedsim.engines.federated.flower_app import client_population
 
     try:
-        count = len(client_partition(run, task, split))
+        count = client_population(run, task, split).num_clients
     except FedsimError as exc:
         raise err("federated.partition", fed.partition, str(exc).split(": ", 1)[-1]) from exc
     if fed.num_clients not in (NUM_CLIENTS_FROM_DATA, count):
@@ -193,12 +193,6 @@ def _load(run: RunConfig) -> tuple[Task, DatasetSplit]:
         raise ConfigError(run.source, "data.options", run.data.options, str(exc)) from exc
 
 
-def _labels(split: DatasetSplit) -> np.ndarray:
-    from fedsim.data.partition import partition_labels
-
-    return partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
-
-
 def _partition_error(exc: FedsimError, section: str, count_key: str, count: int, n: int,
                      err: _Errors, value_of: Callable[[str], Any]) -> ConfigError:
     """A partitioner's FedsimError as a ConfigError on the key it is about."""
@@ -214,8 +208,9 @@ def _partition_error(exc: FedsimError, section: str, count_key: str, count: int,
     return err(key, value_of(key), f"{text} ({count} parts of a training split of {n} samples)")
 
 
-def _empty(count_key: str, count: int, what: str, n: int, sizes: list[int], seed: int, err: _Errors) -> None:
-    empty = [i for i, size in enumerate(sizes) if size == 0]
+def _empty(count_key: str, count: int, what: str, n: int, sizes: Sequence[int] | np.ndarray, seed: int,
+           err: _Errors) -> None:
+    empty = np.flatnonzero(np.asarray(sizes) == 0).tolist()  # vectorised: a million clients at once
     if not empty:
         return
     more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
@@ -224,56 +219,58 @@ def _empty(count_key: str, count: int, what: str, n: int, sizes: list[int], seed
               f"training sample (train.seed = {seed})")
 
 
+def _every_part_trains(section: str, count_key: str, what: str, run: RunConfig, n: int,
+                       parts: Callable[[], Any], err: _Errors) -> None:
+    """``parts()`` (the sizes of the engine's own parts of the training samples, for ``run``'s seed)
+    leaves no part without a training sample; a partitioner's error becomes a ConfigError on the key it
+    is about."""
+    config = getattr(run, section)
+    count, seed = getattr(config, count_key.split(".")[1]), run.train.seed
+    value_of = lambda key: getattr(config, key.split(".")[1], None)  # noqa: E731
+    if n < count:
+        _empty(count_key, count, what, n, [1] * n + [0] * (count - n), seed, err)
+    try:
+        sizes = np.asarray(parts())
+    except FedsimError as exc:
+        raise _partition_error(exc, section, count_key, count, n, err, value_of) from exc
+    _empty(count_key, count, what, n, sizes, seed, err)
+
+
 def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> None:
     """Every client keeps at least one training sample, derived exactly as the ClientApp does."""
-    from fedsim.engines.federated.flower_app import client_splits
+    from fedsim.engines.federated.flower_app import client_population
 
-    fed, n, seed = run.federated, len(split.train), run.train.seed  # type: ignore[arg-type]
-    if n < fed.num_clients:
-        sizes = [1] * n + [0] * (fed.num_clients - n)
-        _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
-    try:
-        splits = client_splits(run, task, split)
-    except FedsimError as exc:
-        raise _partition_error(exc, "federated", "federated.num_clients", fed.num_clients, n, err,
-                               lambda key: getattr(fed, key.split(".")[1])) from exc
-    sizes = [len(splits.train_idx[pid]) for pid in range(len(splits.train_idx))]
-    _empty("federated.num_clients", fed.num_clients, "client", n, sizes, seed, err)
+    population = client_population(run, task, split) if split.population is not None else None
+    if population is not None and not hasattr(population, "sizes"):
+        return  # clients generated on demand (Synthetic(alpha, beta)): each has its samples by construction
+    _every_part_trains("federated", "federated.num_clients", "client", run, len(split.train),  # type: ignore[arg-type]
+                       lambda: client_population(run, task, split).sizes(), err)
 
 
 def _decentralized(run: RunConfig, split: DatasetSplit, err: _Errors) -> None:
-    from fedsim.data.partition import partition
+    """Every gossip node gets a training sample (the engine's own node partitions), and the
+    topology exists for this seed (random_regular draws its graph from it)."""
+    from fedsim.engines.gossip.decentralized import node_partitions
     from fedsim.engines.gossip.topology import topology_matrix
 
-    cfg, n, seed = run.decentralized, len(split.train), run.train.seed  # type: ignore[arg-type]
-    if n < cfg.nodes:
-        _empty("decentralized.nodes", cfg.nodes, "node", n, [1] * n + [0] * (cfg.nodes - n), seed, err)
-    try:  # random_regular draws its graph from the seed: each seed is checked
-        topology_matrix(cfg.topology, cfg.nodes, degree=cfg.degree, seed=seed, weights=cfg.mixing)
+    cfg = run.decentralized
+    try:
+        topology_matrix(cfg.topology, cfg.nodes, degree=cfg.degree, seed=run.train.seed, weights=cfg.mixing)
     except FedsimError as exc:
         raise err("decentralized.topology", cfg.topology, str(exc)) from exc
-    try:
-        parts = partition(_labels(split), cfg.nodes, cfg.partition, seed=seed, alpha=cfg.alpha)
-    except FedsimError as exc:
-        raise _partition_error(exc, "decentralized", "decentralized.nodes", cfg.nodes, n, err,
-                               lambda key: getattr(cfg, key.split(".")[1], None)) from exc
-    _empty("decentralized.nodes", cfg.nodes, "node", n, [len(p) for p in parts], seed, err)
+    _every_part_trains("decentralized", "decentralized.nodes", "node", run, len(split.train),  # type: ignore[arg-type]
+                       lambda: [len(part) for part in node_partitions(run, split)], err)
 
 
 def _parameter_server(run: RunConfig, split: DatasetSplit, err: _Errors) -> None:
-    from fedsim.data.partition import partition
+    """Every worker's fixed shard (``shards`` other than strided) holds a training sample, as the
+    workers draw them (:func:`fedsim.engines.parameter_server.worker_indices`)."""
+    from fedsim.engines.parameter_server import worker_indices
 
-    cfg, n, seed = run.parameter_server, len(split.train), run.train.seed  # type: ignore[arg-type]
-    if n < cfg.workers:
-        _empty("parameter_server.workers", cfg.workers, "worker", n, [1] * n + [0] * (cfg.workers - n), seed, err)
-    if cfg.shards == "strided":
-        return
-    try:
-        parts = partition(_labels(split), cfg.workers, cfg.shards, seed=seed, alpha=cfg.alpha)
-    except FedsimError as exc:
-        raise _partition_error(exc, "parameter_server", "parameter_server.workers", cfg.workers, n, err,
-                               lambda key: getattr(cfg, key.split(".")[1], None)) from exc
-    _empty("parameter_server.workers", cfg.workers, "worker", n, [len(p) for p in parts], seed, err)
+    cfg, labels = run.parameter_server, split.train.tensors[1]  # type: ignore[attr-defined]
+    _every_part_trains("parameter_server", "parameter_server.workers", "worker", run, len(labels),
+                       lambda: [] if cfg.shards == "strided" else
+                       [len(worker_indices(run, labels, k, cfg.workers) or []) for k in range(cfg.workers)], err)
 
 
 def _pipeline(run: RunConfig, task: Task, split: DatasetSplit) -> None:

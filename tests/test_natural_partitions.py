@@ -53,11 +53,13 @@ def test_the_data_set_the_number_of_clients_and_each_trains_on_its_own_samples(t
     run = experiment_from_dict(natural_run(num_clients=WRITERS)).runs[0]
     data = client_data(run)
     split = data.split
-    assert split.clients is not None and data.held_from is split.test
+    assert split.clients is not None
     for k in range(WRITERS):
-        assert data.train_idx[k] == split.clients.train_indices(k).tolist()
-        assert data.held_idx[k] == split.clients.test_indices(k).tolist()
-    every = sorted(i for k in range(WRITERS) for i in data.train_idx[k])
+        shard = data.shard(k)
+        assert shard.train is split.train and shard.held is split.test  # natural clients keep their test samples
+        assert shard.train_idx.tolist() == split.clients.train_indices(k).tolist()
+        assert shard.held_idx.tolist() == split.clients.test_indices(k).tolist()
+    every = sorted(i for k in range(WRITERS) for i in data.shard(k).train_idx.tolist())
     assert every == list(range(len(split.train)))  # every training sample belongs to exactly one client
 
 
@@ -115,7 +117,7 @@ def test_clients_train_on_exactly_the_rows_of_a_flower_datasets_partition(tmp_pa
     flower.dataset = Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
     for k in range(6):
         rows = flower.load_partition(k)["row"]
-        assert sorted(data.train_idx[k]) == sorted(rows) and len(rows) > 0
+        assert sorted(data.shard(k).train_idx.tolist()) == sorted(rows) and len(rows) > 0
 
 
 def test_natural_id_partitioner_takes_the_client_count_from_the_data(tmp_path: Path) -> None:
@@ -124,3 +126,27 @@ def test_natural_id_partitioner_takes_the_client_count_from_the_data(tmp_path: P
     config["federated"]["clients_per_round"] = 3
     summary = fedsim.run(config, out=tmp_path, quiet=True)[0]
     assert summary["config"]["federated"]["num_clients"] == 10  # one client per digit class
+
+
+def digits_with_an_empty_writer(test_fraction: float, split_seed: int, normalise: bool = True,
+                                data_dir: str = "data", **options: Any) -> DatasetSplit:
+    """As digits_by_writer, plus an eighth writer who wrote nothing for training."""
+    split = digits_by_writer(test_fraction, split_seed, normalise, data_dir)
+    clients = split.clients
+    assert clients is not None
+    names = (*clients.names, "silent")
+    offsets = np.append(clients.train_offsets, clients.train_offsets[-1])
+    test_offsets = np.append(clients.test_offsets, clients.test_offsets[-1])
+    empty = NaturalClients(names, clients.train_order, offsets, clients.test_order, test_offsets)
+    return DatasetSplit(split.train, split.test, split.info, clients=empty)
+
+
+def test_a_natural_client_without_training_samples_is_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, 'task = "bn_cnn"\nmode = "federated"\n'
+                           'data = { name = "tests.test_natural_partitions:digits_with_an_empty_writer" }\n'
+                           '[federated]\npartition = "natural"\nclients_per_round = 2\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{path}: key 'federated.num_clients' = {WRITERS + 1}" in err and f"client {WRITERS} would get no" in err

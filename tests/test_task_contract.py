@@ -188,3 +188,13 @@ def test_user_tasks_written_before_contexts_keep_their_signatures() -> None:
     history = fit(task, state, TrainConfig(epochs=1, progress=False), lambda epoch: make_loader(
         torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.zeros(4)), 2, 0, epoch), context=TaskContext())
     assert history[0]["train_loss"] == 2.0
+
+
+def test_a_static_legacy_loss_is_adapted_too() -> None:
+    class Static(LossOnlyTask):
+        @staticmethod
+        def loss(model, batch):  # type: ignore[no-untyped-def, override]
+            return torch.tensor(3.0)
+
+    assert Static().loss(None, None, context=TaskContext()) == 3.0
+    assert Static.loss(None, None) == 3.0

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fedsim.data.base import DataInfo, DatasetSplit, NaturalClients
+from fedsim.data.base import ClientShard, DataInfo, DatasetSplit, NaturalClients, Population
 from fedsim.data.digits import load_digits_split
+from fedsim.data.fedprox_synthetic import load_fedprox_synthetic_split
 from fedsim.data.hf import load_hf_split
 from fedsim.data.leaf import load_leaf_split
 from fedsim.data.synthetic import load_synthetic_split
 from fedsim.data.torchvision_files import load_cifar10, load_fashion_mnist, load_mnist
 from fedsim.errors import FedsimError
 
-__all__ = ["DATASETS", "DataInfo", "DatasetSplit", "NaturalClients", "load_dataset"]
+__all__ = ["DATASETS", "ClientShard", "DataInfo", "DatasetSplit", "NaturalClients", "Population", "load_dataset"]
 
 
 def _official_split(loader: Callable[..., DatasetSplit]) -> Callable[..., DatasetSplit]:
@@ -34,6 +35,7 @@ DATASETS: dict[str, Callable[..., DatasetSplit]] = {
     "cifar10": _official_split(load_cifar10),
     "hf": load_hf_split,
     "leaf": load_leaf_split,
+    "fedprox_synthetic": load_fedprox_synthetic_split,
 }
 
 

@@ -4,7 +4,7 @@ normalisation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +70,28 @@ class NaturalClients:
         return cls(tuple(names), train_order, train_offsets, test_order, test_offsets)
 
 
+@dataclass(frozen=True)
+class ClientShard:
+    """One client's data: training rows ``train_idx`` of ``train`` and held-out rows ``held_idx`` of
+    ``held`` (its own test samples). Index populations point into the global split; generated ones
+    (Synthetic(alpha, beta)) hold the client's own tensors, rows ``0..n-1``."""
+
+    train: TensorDataset
+    train_idx: np.ndarray
+    held: TensorDataset
+    held_idx: np.ndarray
+
+
+class Population(Protocol):
+    """Clients whose data are made or looked up only when a client is sampled, in O(its own size),
+    from (seed, client id): a million registered clients cost nothing until they train."""
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def client(self, k: int) -> ClientShard: ...
+
+
 @dataclass
 class DatasetSplit:
     """A train/test pair of ``TensorDataset(x, y)`` plus what describes them."""
@@ -79,6 +101,10 @@ class DatasetSplit:
     info: DataInfo
     clients: NaturalClients | None = None
     """The data's own clients, for ``federated.partition = "natural"`` (None: no natural clients)."""
+    population: Population | None = None
+    """Clients generated on demand (``federated.partition = "natural"``; e.g. Synthetic(alpha, beta)); then
+    ``train`` / ``test`` are the central view (all clients' data at small N, a seeded sample of clients
+    at large N)."""
     table: Any = None
     """The train split's source table (a Hugging Face ``Dataset`` whose rows are the train samples in
     order), for Flower Datasets partitioners that split by one of its columns; None for array data."""

@@ -10,11 +10,17 @@ pure functions of their arguments and the seed, and every sample lands in exactl
 * ``shards``: every client holds exactly ``k`` classes (classes dealt round-robin after a seeded
   shuffle, each class's samples split between its holders);
 * ``quantity_skew``: iid labels, client sizes from ``Dir(alpha)`` (at least ``min_size`` each).
+
+:func:`lazy_partition` gives the same partitions as a :class:`LazyPartition` (one grouped index array
+plus offsets) for populations of up to millions of clients: a client's indices are read when it is
+sampled, in O(its size).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,8 +31,11 @@ from fedsim.errors import FedsimError
 Partition = list[np.ndarray]
 
 __all__ = [
+    "LAZY_PARTITIONERS",
     "PARTITIONERS",
+    "LazyPartition",
     "Partition",
+    "lazy_partition",
     "partition",
     "iid",
     "dirichlet",
@@ -185,6 +194,185 @@ def partition(
         raise FedsimError(f"unknown partition '{method}'; known: {', '.join(PARTITIONERS)}")
     return PARTITIONERS[method](np.asarray(labels), num_clients, seed, alpha=alpha,
                                 shards_per_client=shards_per_client, min_size=min_size)
+
+
+# --- lazy partitions -------------------------------------------------------------------------------
+# The same partitions as above in a compact form for very large populations (10^6 clients): one
+# ``order`` array of sample ids grouped by client plus ``num_clients + 1`` offsets, built with numpy
+# only (no Python object per client). A client's indices are read when it is sampled, in O(its size).
+
+
+@dataclass(frozen=True, eq=False)
+class LazyPartition:
+    """Every client's sample indices, resolved on demand from one grouped array.
+
+    Client ``k`` owns ``order[offsets[k]:offsets[k + 1]]``; when ``grouped_sorted`` is false the
+    group is sorted when it is read (iid and quantity skew keep the seeded permutation as it is).
+    ``indices(k)`` is exactly what the eager partitioner of the same arguments returns for ``k``.
+    """
+
+    num_clients: int
+    order: np.ndarray
+    """int64 sample ids, grouped by client."""
+    offsets: np.ndarray
+    """int64, ``num_clients + 1`` entries, from 0 to ``len(order)``."""
+    grouped_sorted: bool = True
+    """Whether each client's group in ``order`` is already in increasing order."""
+
+    def __post_init__(self) -> None:
+        for name in ("order", "offsets"):
+            array = np.ascontiguousarray(getattr(self, name), dtype=np.int64)
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
+        if len(self.offsets) != self.num_clients + 1:
+            raise FedsimError(f"LazyPartition: {len(self.offsets)} offsets for {self.num_clients} clients")
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def indices(self, k: int) -> np.ndarray:
+        """Client ``k``'s sample indices: a new sorted int64 array, in O(its size)."""
+        k = operator.index(k)
+        if not 0 <= k < self.num_clients:
+            raise IndexError(f"client {k} out of range for a partition of {self.num_clients} clients")
+        part = self.order[self.offsets[k]:self.offsets[k + 1]]
+        return part.copy() if self.grouped_sorted else np.sort(part)
+
+    def sizes(self) -> np.ndarray:
+        """Every client's number of samples, one int64 array."""
+        return np.diff(self.offsets)
+
+    def to_list(self) -> Partition:
+        """The eager form: one sorted index array per client (O(population) Python objects)."""
+        return [self.indices(k) for k in range(self.num_clients)]
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def _grouped(owner: np.ndarray, num_clients: int) -> LazyPartition:
+    """CSR form of a client-per-sample array: sample ids grouped by client, increasing in each group."""
+    order = np.argsort(owner, kind="stable")
+    return LazyPartition(num_clients, order, _offsets(np.bincount(owner, minlength=num_clients)))
+
+
+def _classes(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The distinct labels and, for each, its sample ids in increasing order (``flatnonzero(labels == c)``)."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    by_label = np.argsort(inverse.reshape(-1), kind="stable")
+    return classes, np.split(by_label, np.cumsum(counts)[:-1])
+
+
+def _lazy_iid(labels: np.ndarray, num_clients: int, seed: int, **_: Any) -> LazyPartition:
+    n = len(labels)
+    _check(num_clients, n)
+    order = _rng(seed, "iid").permutation(n)
+    each, extra = divmod(n, num_clients)  # np.array_split: the first ``extra`` parts get one more
+    sizes = np.full(num_clients, each, dtype=np.int64)
+    sizes[:extra] += 1
+    return LazyPartition(num_clients, order, _offsets(sizes), grouped_sorted=False)
+
+
+def _lazy_dirichlet(
+    labels: np.ndarray, num_clients: int, seed: int, alpha: float = 1.0, min_size: int = 10, max_tries: int = 1000,
+    **_: Any,
+) -> LazyPartition:
+    if alpha <= 0:
+        raise FedsimError(f"federated.alpha must be > 0 for the dirichlet partition, got {alpha}")
+    n = len(labels)
+    _check(num_clients, n)
+    min_size = max(1, min(min_size, n // (2 * num_clients)))
+    rng = _rng(seed, "dirichlet")
+    _, groups = _classes(labels)
+    by_class = [rng.permutation(group) for group in groups]
+    clients = np.arange(num_clients, dtype=np.int64)
+    owner = np.empty(n, dtype=np.int64)
+    for _ in range(max_tries):
+        counts = np.zeros(num_clients, dtype=np.int64)
+        for idx in by_class:
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            shares = np.where(counts >= n / num_clients, 0.0, shares)  # NIID-Bench balancing, as dirichlet()
+            total = shares.sum()
+            shares = shares / total if total > 0 else np.full(num_clients, 1.0 / num_clients)
+            cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
+            chunk = np.diff(np.concatenate(([0], cuts, [len(idx)])))
+            counts += chunk
+            owner[idx] = np.repeat(clients, chunk)
+        if counts.min() >= min_size:
+            return _grouped(owner, num_clients)
+    raise FedsimError(f"dirichlet partition: no draw in {max_tries} gave every one of {num_clients} clients "
+                      f"{min_size} samples (alpha={alpha}, {n} samples); raise alpha or lower num_clients")
+
+
+def _lazy_shards(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2,
+                 **_: Any) -> LazyPartition:
+    n = len(labels)
+    _check(num_clients, n)
+    classes, groups = _classes(labels)
+    num_classes, k = len(classes), shards_per_client
+    if not 1 <= k <= num_classes:
+        raise FedsimError(f"federated.shards_per_client must be in 1..{num_classes} (classes), got {k}")
+    rng = _rng(seed, "shards")
+    position = np.argsort(rng.permutation(num_classes))  # where each class sits in the shuffled deal
+    slots = num_clients * k  # slot s goes to client s // k and holds the class at position s % C
+    counts = np.zeros(num_clients, dtype=np.int64)
+    owner = np.empty(n, dtype=np.int64)
+    for c, group in enumerate(groups):
+        idx = rng.permutation(group)
+        p = int(position[c])
+        holders = (p + num_classes * np.arange(max(0, -(-(slots - p) // num_classes)), dtype=np.int64)) // k
+        if len(holders) == 0:  # fewer class slots than classes: the class goes to the smallest client
+            holders = np.array([counts.argmin()], dtype=np.int64)
+        each, extra = divmod(len(idx), len(holders))
+        chunk = np.full(len(holders), each, dtype=np.int64)
+        chunk[:extra] += 1
+        counts[holders] += chunk
+        owner[idx] = np.repeat(holders, chunk)
+    if counts.min() == 0:
+        raise FedsimError(f"shards partition left a client empty ({num_clients} clients, {n} samples)")
+    return _grouped(owner, num_clients)
+
+
+def _lazy_quantity_skew(
+    labels: np.ndarray, num_clients: int, seed: int, alpha: float = 1.0, min_size: int = 10, **_: Any
+) -> LazyPartition:
+    if alpha <= 0:
+        raise FedsimError(f"federated.alpha must be > 0 for the quantity_skew partition, got {alpha}")
+    n = len(labels)
+    _check(num_clients, n)
+    min_size = max(1, min(min_size, n // (2 * num_clients)))
+    rng = _rng(seed, "quantity_skew")
+    shares = rng.dirichlet(np.full(num_clients, alpha))
+    sizes = rng.multinomial(n - min_size * num_clients, shares) + min_size
+    order = rng.permutation(n)
+    return LazyPartition(num_clients, order, _offsets(sizes), grouped_sorted=False)
+
+
+LAZY_PARTITIONERS: dict[str, Callable[..., LazyPartition]] = {
+    "iid": _lazy_iid,
+    "dirichlet": _lazy_dirichlet,
+    "shards": _lazy_shards,
+    "quantity_skew": _lazy_quantity_skew,
+}
+
+
+def lazy_partition(
+    labels: Sequence[int] | np.ndarray, num_clients: int, method: str = "iid", *, seed: int = 0, alpha: float = 1.0,
+    shards_per_client: int = 2, min_size: int = 10,
+) -> LazyPartition:
+    """:func:`partition` in the compact form: ``lazy_partition(...).indices(k) == partition(...)[k]``.
+
+    Same arguments, same seeded draws and same errors; the build is numpy over samples and clients
+    (dirichlet costs O(clients * classes) per draw, as the eager one) and a client's indices are read
+    in O(its size), so populations of 10^6 clients fit.
+    """
+    if method not in LAZY_PARTITIONERS:
+        raise FedsimError(f"unknown partition '{method}'; known: {', '.join(PARTITIONERS)}")
+    return LAZY_PARTITIONERS[method](np.asarray(labels), num_clients, seed, alpha=alpha,
+                                     shards_per_client=shards_per_client, min_size=min_size)
 
 
 def label_counts(labels: Sequence[int] | np.ndarray, parts: Partition, num_classes: int | None = None) -> np.ndarray:

@@ -69,6 +69,14 @@ def _drop_context(hook: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _drop_context_static(hook: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def call(*args: Any, context: TaskContext | None = None, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs)
+
+    return call
+
+
 class Task:
     """Base class: override :meth:`build_model`, :meth:`output_loss` (or :meth:`loss`) and :meth:`evaluate`.
 
@@ -105,7 +113,11 @@ class Task:
         # ``context=``, and an override that does not accept it gets a wrapper that drops it.
         for name in _CONTEXT_HOOKS:
             hook = cls.__dict__.get(name)
-            if callable(hook) and "context" not in inspect.signature(hook).parameters:
+            if isinstance(hook, staticmethod):  # no ``self``: adapt the function, keep it static
+                function = hook.__func__
+                if "context" not in inspect.signature(function).parameters:
+                    setattr(cls, name, staticmethod(_drop_context_static(function)))
+            elif callable(hook) and "context" not in inspect.signature(hook).parameters:
                 setattr(cls, name, _drop_context(hook))
 
     def __init__(self, options: Any = None) -> None:
@@ -211,6 +223,7 @@ TASKS: dict[str, str] = {
     "shakespeare_lstm": "fedsim.tasks.benchmark:ShakespeareLSTMTask",
     "cifar_cnn": "fedsim.tasks.benchmark:CifarCNNTask",
     "resnet18_gn": "fedsim.tasks.benchmark:ResNet18GNTask",
+    "logreg": "fedsim.tasks.logreg:LogRegTask",
 }
 
 

@@ -77,15 +77,15 @@ def federated_base_statistics(grid: Grid, loop: RoundLoop, arrays: ArrayRecord, 
                               timeout: float = 600.0) -> tuple[SufficientStatistics, int]:
     """Ask every client for its sufficient statistics; merge them in partition order."""
     messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**_run_config(loop), FAIL_KEY: False})}),
-                        node, MESSAGE_TYPE, group_id=str(server_round)) for node in loop.nodes.values()]
+                        loop.nodes.node_of(p), MESSAGE_TYPE, group_id=str(server_round))
+                for p in range(loop.num_clients)]
     by_partition: dict[int, SufficientStatistics] = {}
-    partition_of = {node: p for p, node in loop.nodes.items()}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        partition_id = partition_of[reply.metadata.src_node_id]
+        partition_id = loop.nodes.partition_of(reply.metadata.src_node_id)
         if reply.has_error():
             raise FedsimError(f"client {partition_id} could not compute its base statistics: {reply.error.reason}")
         by_partition[partition_id] = from_records(reply.content["statistics"])
-    missing = sorted(set(loop.nodes) - set(by_partition))
+    missing = sorted(set(range(loop.num_clients)) - set(by_partition))
     if missing:
         raise FedsimError(f"no base statistics from clients {missing}")
     return merge_sufficient_statistics([by_partition[p] for p in sorted(by_partition)]), len(by_partition)

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import itertools
 import json
 import logging
 import random
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,20 +37,30 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
-from fedsim.checkpoint import atomic_write_json, load_checkpoint, make_checkpoint, save_checkpoint
+from fedsim.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from fedsim.config import RunConfig, from_dict, to_dict
-from fedsim.data import DatasetSplit
-from fedsim.data.partition import partition, partition_labels, split_holdout
+from fedsim.data import ClientShard, DatasetSplit, NaturalClients, Population
+from fedsim.data.partition import lazy_partition, partition_labels, split_holdout
 from fedsim.engines.common import build_model, last_test_metrics, load_task_data, task_context
 from fedsim.engines.federated import fewshot as fed_fewshot
 from fedsim.engines.federated.rounds import (
     CLIENT_STATE_KEY,
     FAIL_KEY,
+    LOCAL_EPOCHS_KEY,
+    LOCAL_STEPS_KEY,
     RUN_KEY,
+    NodeMap,
     RoundLoop,
-    discover_partitions,
+    connect_nodes,
+    evaluation_cohort,
     num_sampled,
     run_json,
 )
@@ -78,63 +90,129 @@ class SimulatedDropout(RuntimeError):
 
 
 # ---- client side ---------------------------------------------------------------------------------
-def client_partition(run: RunConfig, task: Task, split: DatasetSplit) -> list[np.ndarray]:
-    """Every client's samples of the train split for ``run``: the data's own clients (``natural``), a
-    Flower Datasets partitioner's partitions (``flwr``), or fedsim's seeded partitioners."""
+class _Groups(Protocol):
+    num_clients: int
+
+    def indices(self, k: int) -> np.ndarray: ...
+
+    def sizes(self) -> np.ndarray: ...
+
+
+class _ListGroups:
+    """Partitions already listed (a Flower Datasets partitioner's, built once per run)."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts, self.num_clients = parts, len(parts)
+
+    def indices(self, k: int) -> np.ndarray:
+        return self.parts[k]
+
+    def sizes(self) -> np.ndarray:
+        return np.array([len(p) for p in self.parts], dtype=np.int64)
+
+
+class _NaturalGroups:
+    def __init__(self, clients: NaturalClients) -> None:
+        self.clients, self.num_clients = clients, clients.num_clients
+
+    def indices(self, k: int) -> np.ndarray:
+        return self.clients.train_indices(k)
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.clients.train_offsets)
+
+
+@dataclass
+class PartitionPopulation:
+    """Clients as index groups of the loaded split, resolved when a client is asked for (O(its size)).
+
+    Natural clients keep their own test samples, as the data split them (LEAF's per-user train/test);
+    other partitions hold out a seeded ``holdout`` fraction of each client's partition.
+    """
+
+    split: DatasetSplit
+    groups: _Groups
+    holdout: float
+    seed: int
+    natural: bool = False
+
+    @property
+    def num_clients(self) -> int:
+        return self.groups.num_clients
+
+    def sizes(self) -> np.ndarray:
+        """Every client's partition size (its training samples number at least one when this does)."""
+        return self.groups.sizes()
+
+    def client(self, k: int) -> ClientShard:
+        indices = self.groups.indices(k)
+        if self.natural and self.split.clients is not None:
+            return ClientShard(self.split.train, indices, self.split.test, self.split.clients.test_indices(k))
+        kept, held = split_holdout(indices, self.holdout, self.seed, k)
+        return ClientShard(self.split.train, kept, self.split.train, held)
+
+
+def client_population(run: RunConfig, task: Task, split: DatasetSplit) -> Population:
+    """The clients of ``run``: a generated population (``natural`` on e.g. Synthetic(alpha, beta)), the data's
+    own clients (``natural``: LEAF users, a client column), a Flower Datasets partitioner's partitions
+    (``flwr``), or fedsim's seeded partitioners in their lazy form (one permutation or one CSR array,
+    each client's rows cut out when it is sampled)."""
     fed = run.federated
     if fed.partition == "natural":
+        if split.population is not None:
+            return split.population
         if split.clients is None:
             raise FedsimError(f"{run.source}: federated.partition = 'natural' needs data that come with their "
                               f"clients (leaf, or hf with a client_column); '{split.info.name}' has none")
-        return [split.clients.train_indices(k) for k in range(split.clients.num_clients)]
+        return PartitionPopulation(split, _NaturalGroups(split.clients), 0.0, run.train.seed, natural=True)
     if fed.partition == "flwr":
         from fedsim.data.flwr_partitions import flwr_partition
 
-        return flwr_partition(split, fed.partitioner, dict(fed.partitioner_options), fed.num_clients, run.train.seed)
+        parts = flwr_partition(split, fed.partitioner, dict(fed.partitioner_options), fed.num_clients, run.train.seed)
+        return PartitionPopulation(split, _ListGroups(parts), fed.client_test_fraction, run.train.seed)
     labels = partition_labels(split.train.tensors[1])  # type: ignore[attr-defined]
     if fed.partition in ("dirichlet", "shards") and not labels.any() and split.info.num_classes == 0:
         raise FedsimError(f"{run.source}: federated.partition = '{fed.partition}' needs class labels; "
                           f"task '{run.task}' has none (use iid or quantity_skew)")
-    return partition(labels, fed.num_clients, fed.partition, seed=run.train.seed, alpha=fed.alpha,
-                     shards_per_client=fed.shards_per_client)
+    groups = lazy_partition(labels, fed.num_clients, fed.partition, seed=run.train.seed, alpha=fed.alpha,
+                            shards_per_client=fed.shards_per_client)
+    return PartitionPopulation(split, groups, fed.client_test_fraction, run.train.seed)
 
 
-@dataclass
-class ClientSplits:
-    """Each client's training samples (of the train split) and held-out samples (of ``held_from``)."""
-
-    train_idx: dict[int, list[int]]
-    held_idx: dict[int, list[int]]
-    held_from: Dataset
-
-
-def client_splits(run: RunConfig, task: Task, split: DatasetSplit) -> ClientSplits:
-    """What every client trains and is scored on. Natural clients keep their own test samples, as
-    the data split them (LEAF's per-user train/test); other partitions hold out a seeded
-    ``client_test_fraction`` of each client's partition."""
-    parts = client_partition(run, task, split)
-    if run.federated.partition == "natural" and split.clients is not None:
-        return ClientSplits({k: p.tolist() for k, p in enumerate(parts)},
-                            {k: split.clients.test_indices(k).tolist() for k in range(len(parts))}, split.test)
-    train_idx, held_idx = {}, {}
-    for pid, indices in enumerate(parts):
-        kept, held = split_holdout(indices, run.federated.client_test_fraction, run.train.seed, pid)
-        train_idx[pid], held_idx[pid] = kept.tolist(), held.tolist()
-    return ClientSplits(train_idx, held_idx, split.train)
+def client_partition(run: RunConfig, task: Task, split: DatasetSplit) -> list[np.ndarray]:
+    """Every client's training-split partition, listed (the partitions report, small populations)."""
+    population = client_population(run, task, split)
+    if not isinstance(population, PartitionPopulation):
+        raise FedsimError(f"{run.source}: '{split.info.name}' generates its clients on demand; they have no "
+                          "partition of a loaded split to list")
+    return [population.groups.indices(k) for k in range(population.num_clients)]
 
 
 @dataclass
 class ClientData:
-    """What one client process keeps between messages of a run (rebuilt when the run changes)."""
+    """What one client process keeps between messages of a run (rebuilt when the run changes): the
+    task, the data, a model to load arrays into, and the clients, resolved as they are sampled."""
 
     run: RunConfig
     task: Task
     split: DatasetSplit
     model: nn.Module
-    train_idx: dict[int, list[int]]
-    held_idx: dict[int, list[int]]
-    held_from: Dataset
-    """The data set ``held_idx`` index (the train split, or the test split for natural clients)."""
+    population: Population
+    _shards: OrderedDict[int, ClientShard] = field(default_factory=OrderedDict)
+
+    def shard(self, partition_id: int) -> ClientShard:
+        """Client ``partition_id``'s data; the last few are kept (a round asks for them twice at most)."""
+        if partition_id in self._shards:
+            self._shards.move_to_end(partition_id)
+            return self._shards[partition_id]
+        shard = self.population.client(partition_id)
+        self._shards[partition_id] = shard
+        if len(self._shards) > _SHARDS_KEPT:
+            self._shards.popitem(last=False)
+        return shard
+
+
+_SHARDS_KEPT = 256
 
 
 _CACHE: dict[str, ClientData] = {}
@@ -156,8 +234,7 @@ def client_data(run: RunConfig) -> ClientData:
             _CACHE.clear()
         task, split = load_task_data(run)
         model = build_model(task, split, run, torch.device("cpu"))
-        splits = client_splits(run, task, split)
-        _CACHE[key] = ClientData(run, task, split, model, splits.train_idx, splits.held_idx, splits.held_from)
+        _CACHE[key] = ClientData(run, task, split, model, client_population(run, task, split))
     return _CACHE[key]
 
 
@@ -246,28 +323,31 @@ def train(msg: Message, context: Context) -> Message:
     algorithm = client_algorithm(msg.content, model, global_params, state_in)  # type: ignore[arg-type]
     seed = derive_seed(run.train.seed, "client", server_round, pid)
     _seed_client(seed)  # dropout masks, augmentations: keyed by (seed, round, partition)
-    local_cfg = dataclasses.replace(run.train, epochs=1 if fed.local_steps > 0 else fed.local_epochs,
-                                    progress=False, checkpoint=False,
+    # A straggler doing partial work (federated.straggler_work = "partial") is told how much to do.
+    local_steps = int(config.get(LOCAL_STEPS_KEY, fed.local_steps)) if fed.local_steps > 0 else 0
+    local_epochs = 1 if fed.local_steps > 0 else int(config.get(LOCAL_EPOCHS_KEY, fed.local_epochs))
+    local_cfg = dataclasses.replace(run.train, epochs=local_epochs, progress=False, checkpoint=False,
                                     max_steps=0 if fed.local_steps > 0 else run.train.max_steps)
     optimizers = task.build_optimizers(model, local_cfg)
     state = TrainState(model, optimizers, build_schedulers(optimizers, local_cfg))
-    indices = data.train_idx[pid]
+    shard = data.shard(pid)
+    indices = shard.train_idx.tolist()
     counter = [0]
 
     def batches_for_epoch(epoch: int) -> Iterator[Batch]:
-        if fed.local_steps > 0:  # K steps, cycling through local epochs as needed
+        if local_steps > 0:  # K steps, cycling through local epochs as needed
             endless = itertools.chain.from_iterable(
-                make_loader(data.split.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
+                make_loader(shard.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
                 for e in itertools.count())
-            return _counted(itertools.islice(endless, fed.local_steps), counter)
-        return _counted(make_loader(data.split.train, local_cfg.batch_size, seed, epoch, local_cfg.shuffle,
+            return _counted(itertools.islice(endless, local_steps), counter)
+        return _counted(make_loader(shard.train, local_cfg.batch_size, seed, epoch, local_cfg.shuffle,
                                     indices=indices), counter)
 
     # Epochs of earlier rounds offset the context's epoch, so per-epoch draws (MAE masks) change every
     # round. A client writes nothing (no run folder); the server writes the run's figures.
     history = fit(task, state, local_cfg, batches_for_epoch, context=TaskContext(device=model_device(model)),
                   extra_loss=algorithm.extra_loss, show_progress=False,
-                  epoch_offset=max(server_round - 1, 0) * local_cfg.epochs)
+                  epoch_offset=max(server_round - 1, 0) * (1 if fed.local_steps > 0 else fed.local_epochs))
     extra_records, state_out = algorithm.finish(state.step, run.train.lr)
     for optimizer in optimizers.values():  # the gradients are done with: free them before the reply is built
         optimizer.zero_grad(set_to_none=True)
@@ -291,12 +371,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     _threads(run)
     data = client_data(run)
     _load(data.model, msg.content["arrays"])
-    held = data.held_idx[pid]
+    shard = data.shard(pid)
+    held = shard.held_idx.tolist()
     metrics: dict[str, Any] = {"num-examples": len(held)}
     if held:
         data.model.eval()
         with torch.no_grad():
-            scores = data.task.evaluate(data.model, Subset(data.held_from, held), run.train.eval_batch_size)
+            scores = data.task.evaluate(data.model, Subset(shard.held, held), run.train.eval_batch_size)
         metrics.update({k: float(v) for k, v in scores.items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -309,11 +390,12 @@ def base_statistics(msg: Message, context: Context) -> Message:
     _threads(run)
     data = client_data(run)
     _load(data.model, msg.content["arrays"])
-    # The whole partition of the train split, every sample once (natural clients' held-out samples
-    # belong to the test split).
-    held = data.held_idx[pid] if data.held_from is data.split.train else []
-    indices = sorted(data.train_idx[pid] + held)
-    x, y = data.split.train.tensors  # type: ignore[attr-defined]
+    # The client's whole partition, every sample once (held-out samples count when they are rows of
+    # the same data set: natural clients' test samples are not).
+    shard = data.shard(pid)
+    held = shard.held_idx.tolist() if shard.held is shard.train else []
+    indices = sorted(shard.train_idx.tolist() + held)
+    x, y = shard.train.tensors
     return fed_fewshot.client_reply(msg, data.task, data.model, x[indices], y[indices], data.split.info.num_classes)
 
 
@@ -333,6 +415,18 @@ class FederatedJob:
     result: dict[str, Any] | None = None
     error: BaseException | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def client_distribution(client_metrics: dict[int, dict[str, float]], metric: str, higher: bool) -> dict[str, float]:
+    """What the summary keeps of the evaluated clients' ``metric``: how many, mean, quantiles (10/50/90 %)
+    and the mean of the worst 10 %."""
+    values = [m[metric] for m in client_metrics.values() if metric in m]
+    if not values:
+        return {}
+    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    return {f"client_{metric}_mean": float(np.mean(values)), f"client_{metric}_p10": float(p10),
+            f"client_{metric}_p50": float(p50), f"client_{metric}_p90": float(p90),
+            f"client_{metric}_worst10": _worst_fraction(values, 0.1, higher), "clients_evaluated": len(values)}
 
 
 def _worst_fraction(values: list[float], fraction: float, higher_is_better: bool) -> float:
@@ -394,18 +488,22 @@ def _summary_metrics(task: Task, history: list[dict[str, Any]], client_metrics: 
     curve = [h[f"test_{primary}"] for h in history if f"test_{primary}" in h and h["round"] > 0]
     if curve:
         metrics[f"best_{primary}"] = max(curve) if higher else min(curve)
-    client_values = [m[primary] for m in client_metrics.values() if primary in m]
-    if client_values:
-        metrics[f"client_{primary}_mean"] = float(np.mean(client_values))
-        metrics[f"client_{primary}_worst10"] = _worst_fraction(client_values, 0.1, higher)
+    metrics.update(client_distribution(client_metrics, primary, higher))
     metrics["bytes_total"] = float(loop.totals["bytes"])
     metrics["samples_total"] = float(loop.totals["samples"])
     metrics["failed_client_rounds"] = sum(len(h.get("failed", [])) for h in history)
     return metrics
 
 
-def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
-    """The ServerApp's main: fedsim's round loop (:class:`RoundLoop`) for ``job.run`` on ``grid``."""
+def _write_client_metrics(out: RunDir, client_metrics: dict[int, dict[str, float]]) -> None:
+    """One JSON line per evaluated client (``{"client": k, ...metrics}``), gzip-compressed, atomically."""
+    lines = "".join(json.dumps({"client": p, **m}) + "\n" for p, m in client_metrics.items())
+    atomic_write_bytes(out.path("client_metrics.jsonl.gz"), gzip.compress(lines.encode(), mtime=0))
+
+
+def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[str, Any]:
+    """The ServerApp's main: fedsim's round loop (:class:`RoundLoop`) for ``job.run`` on ``grid``;
+    ``nodes`` is the partition <-> node map when the caller already has it (no second discovery)."""
     started = time.time()
     run, out = job.run, job.out
     fed = run.federated
@@ -426,6 +524,7 @@ def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
 
     loop = RoundLoop(strategy, fed.num_clients, k, run.train.seed, run_json(to_dict(run)), evaluate,
                      fed.dropout_fraction, fed.straggler_fraction, timeout=fed.reply_timeout_s,
+                     straggler_work=fed.straggler_work, local_epochs=fed.local_epochs, local_steps=fed.local_steps,
                      uses_client_state=uses_client_state(strategy))
     if job.resume and out.checkpoint_path.exists():
         progress = _restore(job, strategy, loop)
@@ -437,11 +536,19 @@ def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
         progress.history.append(record)
         out.reset_metrics()
         out.log(record)
-    loop.connect(grid)
+    if nodes is not None and nodes.num_partitions == fed.num_clients:
+        loop.nodes = nodes
+    else:
+        loop.connect(grid)
     for server_round in range(progress.round + 1, fed.rounds + 1):
         # A marker fault tests (and operators) can wait on: the round's messages go out next.
         atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
         result = loop.round(grid, server_round, progress.arrays)
+        every = fed.evaluate_clients_every
+        if every and server_round % every == 0 and server_round < fed.rounds:
+            cohort = evaluation_cohort(run.train.seed, server_round, fed.num_clients, fed.evaluate_clients)
+            result.record.update(client_distribution(loop.evaluate_clients(grid, result.arrays, server_round, cohort),
+                                                     task.primary_metric, task.primary_metric not in task.lower_is_better))
         progress.arrays, progress.round = result.arrays, server_round
         progress.history.append(result.record)
         out.log(result.record)
@@ -451,7 +558,10 @@ def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
             _save(job, strategy, loop, progress)
         if job.stop_after_round and server_round >= job.stop_after_round:
             return {"interrupted_after_round": server_round}
-    client_metrics = loop.evaluate_clients(grid, progress.arrays, fed.rounds + 1)
+    cohort = evaluation_cohort(run.train.seed, fed.rounds + 1, fed.num_clients, fed.evaluate_clients)
+    client_metrics = loop.evaluate_clients(grid, progress.arrays, fed.rounds + 1, cohort)
+    if fed.client_metrics_file:
+        _write_client_metrics(out, client_metrics)
     _load(model, progress.arrays)
     model.eval()
     metrics = _summary_metrics(task, progress.history, client_metrics, loop)
@@ -462,7 +572,7 @@ def serve(grid: Grid, job: FederatedJob) -> dict[str, Any]:
         metrics.update(task.final_metrics(model, split, context=task_context(out, torch.device("cpu"))))
     summary = make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={
         "rounds": fed.rounds, "history": progress.history, "engine": fed.engine, "clients_per_round": k,
-        "client_metrics": {str(p): m for p, m in client_metrics.items()}, "resumed": progress.resumed,
+        "resumed": progress.resumed,
         "startup_s": job.extras.get("startup_s", 0.0),
     })
     out.write_summary(summary)
@@ -486,7 +596,7 @@ def make_server_app(jobs: FederatedJob | list[FederatedJob]) -> ServerApp:
         # the first run's wall time: every node answers a partition query before any run starts.
         started = time.perf_counter()
         try:
-            discover_partitions(grid, todo[0].run.federated.num_clients)
+            nodes = connect_nodes(grid, todo[0].run.federated.num_clients, 300.0)  # no message on fedsim's grid
         except Exception as exc:  # noqa: BLE001 - reported as every job's error below
             for job in todo:
                 job.error = exc
@@ -494,7 +604,7 @@ def make_server_app(jobs: FederatedJob | list[FederatedJob]) -> ServerApp:
         todo[0].extras["startup_s"] = time.perf_counter() - started
         for job in todo:
             try:
-                job.result = serve(grid, job)
+                job.result = serve(grid, job, nodes)
             except Exception as exc:  # re-raised by the caller with its type (FedsimError -> its exit code)
                 job.error = exc
                 if not isinstance(exc, FedsimError):  # a FedsimError's message says it all; keep bugs' tracebacks

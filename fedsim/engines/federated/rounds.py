@@ -6,8 +6,11 @@ strategy's own ``configure_train`` / ``aggregate_train`` but decides the rest:
 
 * which clients train in round ``t`` is :func:`sample_clients` ``(seed, t)`` over *partition*
   ids; the strategy sees a :class:`SampledGrid` that holds only those nodes;
-* which of them fail (dropouts, told to raise) or come back too late (stragglers, whose reply is
-  discarded) is :func:`simulated_faults` ``(seed, t)`` — deterministic, never timing-based;
+* which of them fail (dropouts, told to raise) or are stragglers is :func:`simulated_faults`
+  ``(seed, t)`` — deterministic, never timing-based. A straggler's reply comes "too late" and is
+  discarded (``federated.straggler_work = "drop"``), or it does partial work — a seeded number of
+  local epochs, :func:`partial_work` ``(seed, t, partition)``, sent under :data:`LOCAL_EPOCHS_KEY` —
+  and its reply is aggregated like any other (``"partial"``, FedProx's systems heterogeneity);
 * replies are aggregated in partition order, whatever order they arrive in;
 * a round with nothing to aggregate because clients really failed (an error reply or none), or an
   aggregated model whose test loss is NaN or infinite, stops the run with
@@ -45,6 +48,11 @@ RUN_KEY = "fedsim-run"
 """ConfigRecord key holding the run's config as JSON (clients are stateless and build from it)."""
 FAIL_KEY = "fedsim-fail"
 """ConfigRecord key: this client is a simulated dropout and must raise."""
+LOCAL_EPOCHS_KEY = "fedsim-local-epochs"
+"""ConfigRecord key: this client is a straggler doing partial work; train this many local epochs
+instead of ``federated.local_epochs``."""
+LOCAL_STEPS_KEY = "fedsim-local-steps"
+"""ConfigRecord key: as :data:`LOCAL_EPOCHS_KEY`, in local steps (runs with ``federated.local_steps`` > 0)."""
 CLIENT_STATE_KEY = "client-state"
 """RecordDict key of per-partition client state kept by the server (not counted as traffic)."""
 QUERY_PARTITION = MessageType.QUERY
@@ -52,7 +60,9 @@ NO_REPLY = "no reply within the round timeout (federated.reply_timeout_s)"
 
 __all__ = [
     "sample_clients", "simulated_faults", "SampledGrid", "discover_partitions", "payload_bytes", "RoundLoop",
+    "NodeMap", "DiscoveredNodes", "connect_nodes", "evaluation_cohort",
     "RoundResult", "RUN_KEY", "FAIL_KEY", "CLIENT_STATE_KEY", "NO_REPLY", "num_sampled", "short_reason",
+    "LOCAL_EPOCHS_KEY", "LOCAL_STEPS_KEY", "partial_work",
     "check_round_had_replies", "check_global_model",
 ]
 
@@ -78,7 +88,8 @@ def simulated_faults(
     """(dropouts, stragglers) among ``sampled``: ``round(f * k)`` of each (at least one when f > 0).
 
     Dropouts are told to raise in the ClientApp (exercising real failure replies); stragglers
-    train but their replies are discarded as too slow. Disjoint, sorted, keyed by (seed, round).
+    train but their replies are discarded as too slow, or they do partial work (:func:`partial_work`,
+    ``federated.straggler_work``). Disjoint, sorted, keyed by (seed, round).
     """
     rng = np.random.default_rng(derive_seed(seed, "faults", server_round))
     order = [sampled[i] for i in rng.permutation(len(sampled))]
@@ -89,6 +100,13 @@ def simulated_faults(
     n_drop = min(count(dropout_fraction), len(order))
     n_slow = min(count(straggler_fraction), len(order) - n_drop)
     return sorted(order[:n_drop]), sorted(order[n_drop:n_drop + n_slow])
+
+
+def partial_work(seed: int, server_round: int, partition_id: int, full: int) -> int:
+    """The local epochs (or steps) a straggler doing partial work trains: uniform in ``[1, full]``,
+    keyed by (seed, round, partition) only (FedProx: "a random number of local epochs between 1 and E")."""
+    rng = np.random.default_rng(derive_seed(seed, "partial-work", server_round, partition_id))
+    return int(rng.integers(1, max(int(full), 1) + 1))
 
 
 # ---- a grid view holding only the sampled nodes ---------------------------------------------------
@@ -155,6 +173,55 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float = 300.0) ->
     if missing:
         raise FedsimError(f"no node reported partition(s) {missing[:10]}")
     return dict(sorted(mapping.items()))
+
+
+class NodeMap:
+    """Which node holds which partition (``num_partitions`` of them). From a discovery round on grids with real nodes (Flower's
+    simulation, a SuperLink); fedsim's in-process grid computes it (``LocalGrid.node_map``) and
+    creates a node only when it is first sent a message, so nothing here is of size N."""
+
+    num_partitions: int
+
+    def node_of(self, partition_id: int) -> int:
+        raise NotImplementedError
+
+    def partition_of(self, node_id: int) -> int | None:
+        raise NotImplementedError
+
+
+class DiscoveredNodes(NodeMap):
+    def __init__(self, nodes: dict[int, int]) -> None:
+        self.nodes = nodes
+        self.partitions = {node: p for p, node in nodes.items()}
+        self.num_partitions = len(nodes)
+
+    def node_of(self, partition_id: int) -> int:
+        return self.nodes[partition_id]
+
+    def partition_of(self, node_id: int) -> int | None:
+        return self.partitions.get(node_id)
+
+
+def connect_nodes(grid: Grid, num_clients: int, timeout: float) -> NodeMap:
+    """The grid's own map when it has one (no message), else a discovery round over every node."""
+    node_map = getattr(grid, "node_map", None)
+    if callable(node_map):
+        mapped = node_map()
+        if mapped.num_partitions != num_clients:
+            raise FedsimError(f"the grid holds {mapped.num_partitions} partitions but federated.num_clients = "
+                              f"{num_clients}")
+        return mapped
+    return DiscoveredNodes(discover_partitions(grid, num_clients, timeout))
+
+
+def evaluation_cohort(seed: int, server_round: int, num_clients: int, size: int | float) -> list[int]:
+    """The clients that score the global model: all of them when ``size`` (an integer count, or a float
+    fraction of the population) covers it, else a seeded sample keyed by (seed, round), sorted."""
+    count = max(1, int(size * num_clients)) if isinstance(size, float) else int(size)
+    if count >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, "evaluate-clients", server_round))
+    return sorted(int(p) for p in rng.choice(num_clients, size=count, replace=False))
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -252,6 +319,10 @@ class RoundLoop:
     run_json: the run config clients build from (sent in every ConfigRecord).
     evaluate: server-side metrics of the global arrays on the test split (``test_`` prefixed).
     dropout_fraction, straggler_fraction: simulated faults per round.
+    straggler_work: ``"drop"`` (stragglers' replies discarded) or ``"partial"`` (stragglers train
+        :func:`partial_work` epochs — steps when ``local_steps`` > 0 — and are aggregated).
+    local_epochs, local_steps: the run's full local work (``federated.local_epochs`` / ``local_steps``),
+        the upper bound of a straggler's partial work.
     timeout: seconds to wait for a round's replies.
     """
 
@@ -264,29 +335,46 @@ class RoundLoop:
     dropout_fraction: float = 0.0
     straggler_fraction: float = 0.0
     timeout: float = 600.0
+    straggler_work: str = "drop"
+    local_epochs: int = 1
+    local_steps: int = 0
     uses_client_state: bool = False
     client_state: dict[int, ArrayRecord] = field(default_factory=dict)
-    nodes: dict[int, int] = field(default_factory=dict)
-    """partition id -> node id (learned by :meth:`connect`)."""
+    nodes: NodeMap = field(default_factory=lambda: DiscoveredNodes({}))
+    """partition id <-> node id (learned by :meth:`connect`)."""
     totals: dict[str, float] = field(default_factory=lambda: {"bytes": 0.0, "samples": 0.0})
-    _partition_of: dict[int, int] = field(default_factory=dict, repr=False)
 
     def connect(self, grid: Grid) -> None:
         """Learn which node holds which partition (before the first round)."""
         # Start-up, not a round: SuperNodes may still be connecting and each query starts a ClientApp
         # process, so a short reply timeout (federated.reply_timeout_s) must not apply here.
-        self.nodes = discover_partitions(grid, self.num_clients, max(self.timeout, 300.0))
-        self._partition_of = {node: p for p, node in self.nodes.items()}
+        self.nodes = connect_nodes(grid, self.num_clients, max(self.timeout, 300.0))
+
+    def _partition_of(self, node_id: int) -> int:
+        partition_id = self.nodes.partition_of(node_id)
+        if partition_id is None:
+            raise FedsimError(f"node {node_id} holds no partition of this run")
+        return partition_id
 
     def _config(self, extra: dict[str, Any] | None = None) -> ConfigRecord:
         return ConfigRecord({RUN_KEY: self.run_json, **(extra or {})})
 
-    def _per_client(self, message: Message, partition_id: int, fail: bool, server_round: int) -> Message:
+    def _partial(self, server_round: int, stragglers: list[int]) -> dict[int, int]:
+        """Straggler -> its local epochs (steps when ``local_steps`` > 0) when stragglers do partial work."""
+        if self.straggler_work != "partial":
+            return {}
+        full = self.local_steps if self.local_steps > 0 else self.local_epochs
+        return {p: partial_work(self.seed, server_round, p, full) for p in stragglers}
+
+    def _per_client(self, message: Message, partition_id: int, fail: bool, server_round: int,
+                    work: int | None = None) -> Message:
         """A message of its own for one client: a fresh RecordDict/ConfigRecord (strategies share one)."""
         content = RecordDict(dict(message.content.items()))
         config_key = getattr(self.strategy, "configrecord_key", "config")
         config = ConfigRecord(dict(content[config_key].items())) if config_key in content else self._config()
         config[FAIL_KEY] = fail
+        if work is not None:
+            config[LOCAL_STEPS_KEY if self.local_steps > 0 else LOCAL_EPOCHS_KEY] = int(work)
         content[config_key] = config
         if self.uses_client_state:
             content[CLIENT_STATE_KEY] = self.client_state.get(partition_id, ArrayRecord())
@@ -300,10 +388,10 @@ class RoundLoop:
         matched to the message it answers.
         """
         replies = list(replies)  # the messages' ids are set once they were pushed
-        asked = {m.metadata.message_id: self._partition_of[m.metadata.dst_node_id] for m in sent if m.metadata.message_id}
+        asked = {m.metadata.message_id: self._partition_of(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
         out: dict[int, Message] = {}
         for reply in replies:
-            partition_id = self._partition_of.get(reply.metadata.src_node_id)
+            partition_id = self.nodes.partition_of(reply.metadata.src_node_id)
             if partition_id is None:
                 partition_id = asked.get(reply.metadata.reply_to_message_id)
             if partition_id is not None:
@@ -316,17 +404,20 @@ class RoundLoop:
         sampled = sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round)
         dropouts, stragglers = simulated_faults(self.seed, server_round, sampled, self.dropout_fraction,
                                                 self.straggler_fraction)
-        view = SampledGrid(grid, [self.nodes[p] for p in sampled])
+        partial = self._partial(server_round, stragglers)
+        discarded = [] if partial else stragglers  # stragglers whose replies come "too late"
+        view = SampledGrid(grid, [self.nodes.node_of(p) for p in sampled])
         configured = list(self.strategy.configure_train(server_round, arrays, self._config(), view))
         messages = []
         for message in configured:
-            partition_id = self._partition_of[message.metadata.dst_node_id]
-            messages.append(self._per_client(message, partition_id, partition_id in dropouts, server_round))
+            partition_id = self._partition_of(message.metadata.dst_node_id)
+            messages.append(self._per_client(message, partition_id, partition_id in dropouts, server_round,
+                                             partial.get(partition_id)))
         bytes_down = sum(payload_bytes(m.content) for m in messages)
         replies = self._by_partition(messages, grid.send_and_receive(messages, timeout=self.timeout))
         ordered, failed, errors = [], [], {}
         bytes_up, samples = 0, 0
-        for partition_id in sorted(self._partition_of[m.metadata.dst_node_id] for m in messages):
+        for partition_id in sorted(self._partition_of(m.metadata.dst_node_id) for m in messages):
             reply = replies.get(partition_id)
             if reply is None:
                 failed.append(partition_id)
@@ -334,7 +425,7 @@ class RoundLoop:
             elif reply.has_error():
                 failed.append(partition_id)
                 errors[partition_id] = reply.error.reason
-            elif partition_id in stragglers:
+            elif partition_id in discarded:
                 continue  # arrived "too late": discarded, not aggregated, not counted as received
             else:
                 bytes_up += payload_bytes(reply.content)
@@ -346,7 +437,7 @@ class RoundLoop:
         for partition_id, reason in errors.items():
             log.warning("round %d: client %d failed: %s", server_round, partition_id, short_reason(reason))
         if not ordered:
-            check_round_had_replies(server_round, sampled, errors, dropouts, stragglers)
+            check_round_had_replies(server_round, sampled, errors, dropouts, discarded)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
         if new_arrays is not None:
             arrays = new_arrays
@@ -361,18 +452,24 @@ class RoundLoop:
             if key not in ("samples", "local-steps") and isinstance(value, (int, float)):
                 record[f"train_{key}"] = float(value)
         record.update({
-            "clients": sampled, "aggregated": [self._partition_of[r.metadata.src_node_id] for r in ordered],
+            "clients": sampled, "aggregated": [self._partition_of(r.metadata.src_node_id) for r in ordered],
             "failed": failed, "dropouts": [p for p in failed if p in dropouts], "stragglers": stragglers,
+            # stragglers doing partial work: their local epochs (steps), in the order of "stragglers"
+            **({"partial_steps" if self.local_steps > 0 else "partial_epochs": [partial[p] for p in stragglers]}
+               if partial else {}),
             "bytes_down": bytes_down, "bytes_up": bytes_up,
             "bytes_total": self.totals["bytes"], "samples_total": self.totals["samples"],
             "round_time_s": time.perf_counter() - started,
         })
         return RoundResult(record, arrays)
 
-    def evaluate_clients(self, grid: Grid, arrays: ArrayRecord, server_round: int) -> dict[int, dict[str, float]]:
-        """Every client scores ``arrays`` on its own held-out data; partition -> metrics."""
-        messages = [_message(RecordDict({"arrays": arrays, "config": self._config({FAIL_KEY: False})}), node,
-                             MessageType.EVALUATE, server_round) for node in self.nodes.values()]
+    def evaluate_clients(self, grid: Grid, arrays: ArrayRecord, server_round: int,
+                         cohort: list[int] | None = None) -> dict[int, dict[str, float]]:
+        """The clients of ``cohort`` (default: every client) score ``arrays`` on their own held-out
+        data; partition -> metrics."""
+        cohort = list(range(self.num_clients)) if cohort is None else cohort
+        messages = [_message(RecordDict({"arrays": arrays, "config": self._config({FAIL_KEY: False})}),
+                             self.nodes.node_of(p), MessageType.EVALUATE, server_round) for p in cohort]
         out: dict[int, dict[str, float]] = {}
         for partition_id, reply in self._by_partition(
                 messages, grid.send_and_receive(messages, timeout=self.timeout)).items():

@@ -216,7 +216,13 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
     from flwr.app import Message, MetricRecord, RecordDict
 
     from fedsim.engines.federated import flower_app as fa
-    from fedsim.engines.federated.rounds import CLIENT_STATE_KEY, FAIL_KEY, RUN_KEY
+    from fedsim.engines.federated.rounds import (
+        CLIENT_STATE_KEY,
+        FAIL_KEY,
+        LOCAL_EPOCHS_KEY,
+        LOCAL_STEPS_KEY,
+        RUN_KEY,
+    )
     from fedsim.train import derive_seed, make_loader
     from fedsim.wire.array_codec import record_to_tensors, tensors_to_record
 
@@ -231,6 +237,8 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
         return None  # SCAFFOLD controls or other extras: the sequential client knows what to do
     if any(key in c for c in configs for key in ("proximal-mu", "proximal_mu")):
         return None  # FedProx's proximal term
+    if any(key in c for c in configs for key in (LOCAL_EPOCHS_KEY, LOCAL_STEPS_KEY)):
+        return None  # stragglers doing partial work: their own amount of local training
     run = fa.run_from_json(str(configs[0][RUN_KEY]))
     data = fa.client_data(run)
     task, fed = data.task, run.federated
@@ -247,16 +255,17 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
         pid = int(context.node_config["partition-id"])
         server_round = int(message.content["config"].get("server-round", 0))
         seed = derive_seed(run.train.seed, "client", server_round, pid)
-        indices = data.train_idx[pid]
+        shard = data.shard(pid)
+        indices = shard.train_idx.tolist()
         counts.append(len(indices))
         starts.append(record_to_tensors(message.content["arrays"]))  # views; stacked (copied) below
         if fed.local_steps > 0:
             endless = itertools.chain.from_iterable(
-                make_loader(data.split.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
+                make_loader(shard.train, local_cfg.batch_size, seed, e, local_cfg.shuffle, indices=indices)
                 for e in itertools.count())
             client_epochs.append([list(itertools.islice(endless, fed.local_steps))])
         else:
-            client_epochs.append([list(make_loader(data.split.train, local_cfg.batch_size, seed, e, local_cfg.shuffle,
+            client_epochs.append([list(make_loader(shard.train, local_cfg.batch_size, seed, e, local_cfg.shuffle,
                                                    indices=indices)) for e in range(local_cfg.epochs)])
     results = train_clients(task, data.model, starts, client_epochs, local_cfg)
     replies = []
