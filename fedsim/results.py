@@ -116,7 +116,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = 120,
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = 200,
                 justify: Sequence[str] = (), compact: bool = False) -> str:
     """Print a rich table at ``width`` columns and return its plain-text form (for logs and tests).
 

@@ -52,9 +52,9 @@ def _list(args: argparse.Namespace) -> int:
     from fedsim.tasks import TASKS
 
     print_table("tasks", ["task", "description", "data-parallel", "pipeline split points", "vectorisable"],
-                [_capabilities(name) for name in TASKS])
-    print_table("datasets", ["dataset"], [[name] for name in DATASETS])
-    print_table("modes", ["mode", "engine"], [[mode, spec] for mode, spec in ENGINES.items()])
+                [_capabilities(name) for name in TASKS], width=120)
+    print_table("datasets", ["dataset"], [[name] for name in DATASETS], width=120)
+    print_table("modes", ["mode", "engine"], [[mode, spec] for mode, spec in ENGINES.items()], width=120)
     return 0
 
 

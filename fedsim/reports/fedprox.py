@@ -144,7 +144,7 @@ def report_fedprox(experiment: Any, summaries: list[dict[str, Any]], root: Path)
     seeds = max((r["seeds"] for r in rows), default=0)
     short = [[row[0].replace("Synthetic", "Syn"), row[1], _short(row[2]), *row[3:]] for row in table]
     print_table(f"{experiment.name}: final global model (mean ± std over {seeds} seed(s))", TERMINAL, short,
-                compact=True)
+                width=120, compact=True)
     print(f"paper: {PAPER_CLAIM}", flush=True)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -176,9 +176,10 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float = 300.0) ->
 
 
 class NodeMap:
-    """Which node holds which partition (``num_partitions`` of them). From a discovery round on grids with real nodes (Flower's
-    simulation, a SuperLink); fedsim's in-process grid computes it (``LocalGrid.node_map``) and
-    creates a node only when it is first sent a message, so nothing here is of size N."""
+    """Which node holds which partition (``num_partitions`` of them). From a discovery round on grids
+    with real nodes (Flower's simulation, a SuperLink); fedsim's in-process grid computes it
+    (``LocalGrid.node_map``) and creates a node only when it is first sent a message, so nothing here
+    is of size N."""
 
     num_partitions: int
 

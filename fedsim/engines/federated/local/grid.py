@@ -89,7 +89,7 @@ class PartitionNodes:
         return partition_id if partition_id < self.num_partitions else None
 
     def node_ids(self) -> list[int]:
-        """Every node id in partition order (vectorised: ~10 ms for a million)."""
+        """Every node id in partition order (vectorised: about 40 ms for a million)."""
         with np.errstate(over="ignore"):
             ids = np.arange(self.num_partitions, dtype=np.uint64) * np.uint64(self._a) + np.uint64(self._b)
         return ids.tolist()
