@@ -155,18 +155,11 @@ def shards(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: i
 def quantity_skew(
     labels: np.ndarray, num_clients: int, seed: int, alpha: float = 1.0, min_size: int = 10, **_: Any
 ) -> Partition:
-    """Iid labels, skewed sizes: ``min_size`` each, the rest shared by ``Dir(alpha)`` proportions."""
-    if alpha <= 0:
-        raise FedsimError(f"federated.alpha must be > 0 for the quantity_skew partition, got {alpha}")
-    n = len(labels)
-    _check(num_clients, n)
-    min_size = max(1, min(min_size, n // (2 * num_clients)))
-    rng = _rng(seed, "quantity_skew")
-    shares = rng.dirichlet(np.full(num_clients, alpha))
-    extra = rng.multinomial(n - min_size * num_clients, shares)
-    sizes = extra + min_size
-    order = rng.permutation(n)
-    return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
+    """Iid labels, skewed sizes: ``min_size`` each, the rest shared by ``Dir(alpha)`` proportions.
+
+    Cut points into one seeded permutation already scale to any population: the eager form is the
+    lazy one listed (:func:`lazy_partition`)."""
+    return _lazy_quantity_skew(labels, num_clients, seed, alpha=alpha, min_size=min_size).to_list()
 
 
 PARTITIONERS: dict[str, Callable[..., Partition]] = {
