@@ -145,6 +145,73 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class SystemConfig:
+    """Devices, their availability and the server's waiting policy on fedsim's virtual clock.
+
+    Every federated run keeps a simulated clock: a client's time in a round is download(model bytes) +
+    compute(samples / compute speed) + upload(reply bytes), from its device profile; the round ends when
+    the server stops waiting (all replies, the K-th of an over-selected cohort, or a deadline). The clock
+    never reads the host's time: same seed, same clock. Defaults (log-normal spreads of 10x in compute and
+    100x in bandwidth between the 5th and 95th percentile, after FedScale's device and network traces;
+    every client always available; wait for every reply) leave which clients train and what they compute
+    unchanged, so results do not move; the clock only measures them.
+    """
+
+    compute_sps_median: float = 100.0
+    """Median training speed of a client device, samples per second (log-normal across clients)."""
+    compute_sps_sigma: float = 0.7
+    """Log-normal sigma of compute speed (0.7: the 95th percentile device is 10x the 5th)."""
+    down_mbps_median: float = 20.0
+    """Median download bandwidth, Mbit/s (log-normal)."""
+    down_mbps_sigma: float = 1.4
+    """Log-normal sigma of download bandwidth (1.4: 100x between the 5th and 95th percentile)."""
+    up_mbps_median: float = 5.0
+    """Median upload bandwidth, Mbit/s (log-normal)."""
+    up_mbps_sigma: float = 1.4
+    """Log-normal sigma of upload bandwidth."""
+    device_trace: str = ""
+    """CSV of device profiles, header ``client_id,compute_sps,down_mbps,up_mbps``; the clients it lists take
+    its values, the others draw from the distributions above. Empty = distributions only."""
+    availability: Literal["always", "daily"] = "always"
+    """``always``: every client can be sampled at any time. ``daily``: each client is online one window a
+    day (charging, on Wi-Fi), starting at a seeded hour around ``online_start_hour`` and lasting a
+    log-normal number of hours (median ``online_hours_median``)."""
+    online_start_hour: float = 22.0
+    """``daily``: mean hour (0-24) at which clients come online (night: phones charge)."""
+    online_start_hours_std: float = 3.0
+    """``daily``: standard deviation of the start hour, hours (normal, wrapped around the day)."""
+    online_hours_median: float = 6.0
+    """``daily``: median length of a client's daily online window, hours (log-normal)."""
+    online_hours_sigma: float = 0.5
+    """``daily``: log-normal sigma of the window length."""
+    availability_trace: str = ""
+    """CSV of online intervals, header ``client_id,start_s,end_s`` (seconds of a simulated day, 0-86400,
+    repeating every day; several rows per client allowed). Listed clients are online only in their
+    intervals, the others follow ``availability``. Empty = none."""
+    over_selection: float = 0.0
+    """Over-selection o: sample ceil((1 + o) K) available clients, aggregate the first K to reply (0 = off)."""
+    deadline_s: float = 0.0
+    """Round deadline, simulated seconds: replies later than this are late (``late_work``); 0 = no deadline."""
+    late_work: Literal["drop", "partial"] = "drop"
+    """With a deadline: ``drop`` = late replies are discarded; ``partial`` = a client that would be late
+    trains the local epochs (steps) that fit before the deadline, at least one, and is aggregated
+    (FedProx-style partial work); one that cannot fit one is dropped."""
+    server: Literal["sync", "fedbuff"] = "sync"
+    """``sync``: rounds (the strategy's configure/aggregate). ``fedbuff``: asynchronous buffered
+    aggregation (Nguyen et al., AISTATS 2022): ``clients_per_round`` clients train concurrently on the
+    clock, the server updates the model every ``buffer_size`` arrivals; ``rounds`` counts updates."""
+    buffer_size: int = 10
+    """FedBuff: arrivals per server update (M); at most ``clients_per_round`` (the concurrency)."""
+    staleness_exponent: float = 0.5
+    """FedBuff: an update computed on a model ``tau`` versions old is weighted ``(1 + tau) ** -a``
+    (a = 0.5: FedBuff's 1/sqrt(1 + tau)); 0 = no staleness weighting."""
+    server_learning_rate: float = 1.0
+    """FedBuff: the server's step size on the buffered mean update (eta_g)."""
+    buffer_weights: Literal["uniform", "examples"] = "uniform"
+    """FedBuff: weight updates equally (the paper's 1/M) or by their clients' example counts (FedAvg's)."""
+
+
+@dataclass(frozen=True)
 class FederatedConfig:
     """Federated rounds (Flower ServerApp/ClientApp and strategies)."""
 
@@ -219,6 +286,9 @@ class FederatedConfig:
     """Seconds the server waits for a round's replies; a client silent that long counts as failed."""
     ray_address: str = ""
     """engine = "flower": attach the simulation to this Ray cluster (``fedsim cluster up --ray``); empty = a local Ray."""
+    system: SystemConfig = field(default_factory=SystemConfig)
+    """Device profiles, availability, deadlines, over-selection and asynchronous aggregation on the
+    virtual clock (``[federated.system]``)."""
 
 
 @dataclass(frozen=True)
@@ -456,7 +526,7 @@ _INT_MIN: dict[str, int] = {
     "pipeline.timeout_s": 1,
     "federated.num_clients": 1, "federated.clients_per_round": 0, "federated.rounds": 1,
     "federated.local_epochs": 0, "federated.local_steps": 0, "federated.shards_per_client": 1,
-    "federated.worker_processes": 0, "federated.evaluate_clients_every": 0,
+    "federated.worker_processes": 0, "federated.evaluate_clients_every": 0, "federated.system.buffer_size": 1,
     "parameter_server.workers": 1, "parameter_server.steps": 0, "parameter_server.ray_num_cpus": 0,
     "decentralized.degree": 1, "decentralized.nodes": 1, "decentralized.rounds": 1,
     "decentralized.local_steps": 0, "decentralized.timeout_s": 1,
@@ -479,6 +549,20 @@ _FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
     "federated.cpus_per_client": (0.0, _OPEN, math.inf, _OPEN),
     "federated.gpus_per_client": (0.0, _CLOSED, math.inf, _OPEN),
     "federated.reply_timeout_s": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.system.compute_sps_median": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.system.compute_sps_sigma": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.down_mbps_median": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.system.down_mbps_sigma": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.up_mbps_median": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.system.up_mbps_sigma": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.online_start_hour": (0.0, _CLOSED, 24.0, _OPEN),
+    "federated.system.online_start_hours_std": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.online_hours_median": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.system.online_hours_sigma": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.over_selection": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.deadline_s": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.staleness_exponent": (0.0, _CLOSED, math.inf, _OPEN),
+    "federated.system.server_learning_rate": (0.0, _OPEN, math.inf, _OPEN),
     "parameter_server.cpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
     "parameter_server.gpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
     "parameter_server.alpha": (0.0, _OPEN, math.inf, _OPEN),
@@ -515,8 +599,10 @@ def _out_of_range(value: Any, low: float, low_in: bool, high: float, high_in: bo
 
 
 def _get(run: RunConfig, dotted: str) -> Any:
-    section, _, name = dotted.partition(".")
-    return getattr(getattr(run, section), name)
+    node: Any = run
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
 
 
 def _range_violations(run: RunConfig) -> Iterator[Violation]:
@@ -586,6 +672,7 @@ def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
         yield ("federated.dropout_fraction", fed.dropout_fraction,
                f"dropout_fraction + straggler_fraction = {total:g} > 1: more clients would fail than are sampled")
     k = _sampled_per_round(fed)
+    yield from _system_violations(fed, k)
     dropped = min(_faulty(fed.dropout_fraction, k), k)
     slow = min(_faulty(fed.straggler_fraction, k), k - dropped)
     if fed.straggler_work == "partial":
@@ -595,6 +682,43 @@ def _federated_violations(fed: FederatedConfig) -> Iterator[Violation]:
                       else ("federated.straggler_fraction", fed.straggler_fraction))
         yield (key, value, f"of the {k} client(s) sampled per round {dropped} drop out and {slow} straggle (each "
                            f"fraction rounds to at least one client): no round would have a reply to aggregate")
+
+
+def over_selected(k: int, over_selection: float) -> int:
+    """Clients sampled per round with over-selection o: ceil((1 + o) k) (the round loop's own rule)."""
+    return int(math.ceil((1.0 + over_selection) * k - 1e-9))
+
+
+FEDBUFF_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies whose client side FedBuff can use (its server update replaces their aggregation)."""
+
+
+def _system_violations(fed: FederatedConfig, k: int) -> Iterator[Violation]:
+    system = fed.system
+    if system.over_selection > 0 and over_selected(k, system.over_selection) > fed.num_clients:
+        yield ("federated.system.over_selection", system.over_selection,
+               f"ceil((1 + o) x {k}) = {over_selected(k, system.over_selection)} clients per round, more than "
+               f"federated.num_clients = {fed.num_clients}")
+    if system.late_work == "partial" and system.deadline_s <= 0:
+        yield ("federated.system.late_work", system.late_work,
+               "partial work is what a client fits before the deadline: set federated.system.deadline_s > 0")
+    if system.server != "fedbuff":
+        return
+    fedbuff = "with federated.system.server = 'fedbuff'"
+    if system.buffer_size > k:
+        yield ("federated.system.buffer_size", system.buffer_size,
+               f"more than the {k} clients training concurrently (federated.clients_per_round): no update "
+               "would ever fill the buffer")
+    if fed.strategy not in FEDBUFF_STRATEGIES:
+        yield ("federated.strategy", fed.strategy,
+               f"{fedbuff} the server update is FedBuff's; clients train as in {' or '.join(FEDBUFF_STRATEGIES)}")
+    for key, value in (("federated.system.over_selection", system.over_selection),
+                       ("federated.system.deadline_s", system.deadline_s),
+                       ("federated.dropout_fraction", fed.dropout_fraction),
+                       ("federated.straggler_fraction", fed.straggler_fraction)):
+        if value:
+            yield (key, value, f"{fedbuff} there are no rounds to over-select, time out or straggle in: "
+                               "clients arrive when their device finishes (set it to 0)")
 
 
 def _pipeline_violations(run: RunConfig) -> Iterator[Violation]:
@@ -728,6 +852,10 @@ def experiment_from_dict(
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(file, key, raw[key], "expected a string")
     report = _coerce(dict[str, Any], raw.get("report", {}), file, "report")
+    target = report.get("target", 0.9)
+    if _out_of_range(target, 0.0, _OPEN, 1.0, _CLOSED):
+        raise ConfigError(file, "report.target", target, "must be a number in (0, 1]: the fraction of the central "
+                                                         "run's final metric a federated run must reach")
     run_names = [r.name for r in runs]
     duplicates = sorted({n for n in run_names if run_names.count(n) > 1})
     if duplicates:

@@ -237,14 +237,65 @@ def _every_part_trains(section: str, count_key: str, what: str, run: RunConfig, 
 
 
 def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> None:
-    """Every client keeps at least one training sample, derived exactly as the ClientApp does."""
+    """Every client keeps at least one training sample, derived exactly as the ClientApp does; the
+    device and availability traces read; a deadline some client can meet."""
     from fedsim.engines.federated.flower_app import client_population
 
-    population = client_population(run, task, split) if split.population is not None else None
-    if population is not None and not hasattr(population, "sizes"):
-        return  # clients generated on demand (Synthetic(alpha, beta)): each has its samples by construction
-    _every_part_trains("federated", "federated.num_clients", "client", run, len(split.train),  # type: ignore[arg-type]
-                       lambda: client_population(run, task, split).sizes(), err)
+    try:
+        population: Any = client_population(run, task, split)
+    except FedsimError:
+        population = None  # the partitioner's error, raised below on the key it is about
+    if population is None or hasattr(population, "sizes"):  # generated clients have samples by construction
+        _every_part_trains("federated", "federated.num_clients", "client", run, len(split.train),  # type: ignore[arg-type]
+                           lambda: client_population(run, task, split).sizes(), err)
+    sizes = population.sizes() if hasattr(population, "sizes") else None
+    _system(run, task, split, population, sizes, err)
+
+
+def _train_sizes(run: RunConfig, population: Any, sizes: np.ndarray | None) -> np.ndarray:
+    """Every client's training samples, as :func:`fedsim.data.partition.split_holdout` leaves them (1 for
+    generated clients: a lower bound)."""
+    if sizes is None:
+        return np.ones(run.federated.num_clients, dtype=np.int64)
+    n = np.asarray(sizes, dtype=np.int64)
+    fraction = 0.0 if getattr(population, "natural", False) else run.federated.client_test_fraction
+    if fraction == 0.0:
+        return n
+    held = np.minimum(n - 1, np.maximum(1, np.rint(fraction * n).astype(np.int64)))
+    return n - np.where(n < 2, 0, held)
+
+
+def _system(run: RunConfig, task: Task, split: DatasetSplit, population: Any, sizes: np.ndarray | None,
+            err: _Errors) -> None:
+    """The traces (their own file, line and value on error) and the deadline: the fastest client of the
+    population must be able to download the model, train its least work and upload the reply in time."""
+    from fedsim.engines.common import build_model
+    from fedsim.engines.federated.devices import Devices
+    from fedsim.wire.array_codec import npy_size
+
+    fed, system = run.federated, run.federated.system
+    devices = Devices(system, fed.num_clients, run.train.seed, base_dir=".")
+    if system.deadline_s <= 0:
+        return
+    model = build_model(task, split, run, torch.device("cpu"))
+    size = sum(npy_size(str(v.dtype).replace("torch.", ""), tuple(v.shape)) for v in model.state_dict().values())
+    compute, down, up = devices.profiles(np.arange(fed.num_clients))
+    n = _train_sizes(run, population, sizes)
+    units = 1 if system.late_work == "partial" else (fed.local_steps or fed.local_epochs)
+    if fed.local_steps > 0:
+        per_epoch = np.maximum(1, -(-n // run.train.batch_size))
+        full, rest = np.divmod(units, per_epoch)
+        samples = full * n + np.minimum(rest * run.train.batch_size, n)
+    else:
+        samples = units * n
+    times = size * 8 / (down * 1e6) + samples / compute + size * 8 / (up * 1e6)
+    fastest = int(np.argmin(times))
+    if times[fastest] > system.deadline_s:
+        work = f"{units} local step(s)" if fed.local_steps > 0 else f"{units} local epoch(s)"
+        raise err("federated.system.deadline_s", system.deadline_s,
+                  f"no client can meet it: the fastest of the {fed.num_clients} (client {fastest}) needs "
+                  f"{times[fastest]:.4g} s to download the model ({size} bytes), train {work} on "
+                  f"{int(samples[fastest])} samples and upload its reply")
 
 
 def _decentralized(run: RunConfig, split: DatasetSplit, err: _Errors) -> None:

@@ -23,6 +23,8 @@ __all__ = [
     "scaffold_server_update",
     "fednova_norm",
     "fednova_aggregate",
+    "staleness_weight",
+    "fedbuff_update",
 ]
 
 
@@ -153,4 +155,40 @@ def fednova_aggregate(
         for pi, ai, y in zip(p, norms, local_params, strict=True):
             direction = direction + (x - y[key]) * (pi / ai)
         out[key] = (x - server_lr * tau_eff * direction).astype(x.dtype)
+    return out
+
+
+# ---- FedBuff (Nguyen et al., AISTATS 2022) ---------------------------------------------------
+def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
+    """``(1 + tau) ** -a``: FedBuff's down-weighting of an update computed on a model ``tau`` versions
+    old (``a = 0.5``: ``1 / sqrt(1 + tau)``; ``a = 0``: none)."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return float((1.0 + staleness) ** -exponent)
+
+
+def fedbuff_update(
+    global_params: Mapping[str, np.ndarray],
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    staleness: Sequence[int],
+    exponent: float = 0.5,
+    server_lr: float = 1.0,
+) -> Arrays:
+    """``x + lr_g sum_i w_i s(tau_i) d_i / sum_i w_i`` over a buffer of client updates ``d_i = y_i - x_i``
+    (each relative to the model its client started from).
+
+    ``w_i`` = 1 for FedBuff's uniform mean, or example counts; the denominator leaves out the staleness
+    factors so that stale updates count for less, as in FedBuff. With no staleness, ``lr_g = 1`` and
+    example weights this is FedAvg's weighted mean of the client models when they all started from ``x``.
+    """
+    if not deltas or not (len(deltas) == len(weights) == len(staleness)):
+        raise ValueError("fedbuff_update needs one weight and one staleness per update")
+    factors = [float(w) * staleness_weight(int(t), exponent) for w, t in zip(weights, staleness, strict=True)]
+    mean = weighted_mean(deltas, factors)  # the strategies' weighted mean, normalised by sum(factors)
+    scale = server_lr * sum(factors) / float(sum(weights))
+    out: Arrays = {}
+    for key, x in global_params.items():
+        step = mean[key] * scale if scale != 1.0 else mean[key]
+        out[key] = (x + step).astype(x.dtype)
     return out

@@ -137,6 +137,11 @@ def test_flwr_run_on_two_tls_supernodes_matches_the_simulation(deployment: dict[
     diff = max(float((deployed[k] - reference[k]).abs().max()) for k in reference)
     assert diff < 1e-6, diff
     assert summary["metrics"]["accuracy"] == pytest.approx(simulated["metrics"]["accuracy"], abs=1e-9)
+    # The virtual clock is the ServerApp's: the deployed run's simulated times are the simulation's, and the
+    # real wall time of each round is reported beside them.
+    assert [h["sim_time_s"] for h in summary["history"]] == [h["sim_time_s"] for h in simulated["history"]]
+    assert summary["metrics"]["sim_time_s"] == simulated["metrics"]["sim_time_s"] > 0
+    assert all(h["round_time_s"] > 0 and h["sim_round_s"] > 0 for h in summary["history"][1:])
 
 
 # The reply timeout must cover a live client's whole reply: a fresh ClientApp process (imports of

@@ -37,6 +37,9 @@ def add_compare(subparsers: Any) -> None:
                     "comparison table (mean ± std over seeds) and write comparison.md/.json/.png there.")
     parser.add_argument("results_dir", help="folder holding run folders with summary.json")
     parser.add_argument("--metric", default="accuracy", help="metric to compare (default: accuracy)")
+    parser.add_argument("--target", type=float, default=0.9,
+                        help="fraction of the central run's final metric the 'to X%% central' columns count up to "
+                             "(default: 0.9)")
     parser.set_defaults(func=_compare)
 
 
@@ -46,5 +49,5 @@ def _compare(args: argparse.Namespace) -> int:
     from fedsim.reports.compare import load_summaries, write_comparison
 
     root = Path(args.results_dir)
-    write_comparison(load_summaries(root), root, metric=args.metric, title=root.name)
+    write_comparison(load_summaries(root), root, metric=args.metric, title=root.name, target=args.target)
     return 0

@@ -5,15 +5,31 @@ Used two ways: as the ``central_vs_federated`` experiment report (``report.kind`
 every ``summary.json`` under the folder). Runs are grouped by name; each group's seeds give the
 mean ± std.
 
-Columns: final and best accuracy; rounds until the global model first reaches 90% of the
-central run's final accuracy; bytes communicated (model arrays down and up); samples processed
-(the budget); wall time; and the worst 10% of clients' accuracy on their own held-out data.
+Columns: final and best accuracy; rounds until the global model first reaches the target fraction
+of the central run's final accuracy (``report.target``, default 0.9: "rounds to 90% central");
+simulated time until it first gets there ("sim time to 90% central": the virtual clock's
+``sim_time_s`` of that round, "-" for central runs and for runs recorded without a virtual clock); bytes communicated (model arrays down and up); samples processed (the budget);
+wall time; and the worst 10% of clients' accuracy on their own held-out data.
+
+Simulated time is shown in the unit that reads best for its mean (s under two minutes, min under two
+hours, h under two days, else d; the ± std in the same unit): a digits CNN's rounds take seconds, a
+FedScale-sized model's hours. A group where only some seeds reach the target shows the mean over those
+seeds and "(k/n seeds)"; where none do, "not in N rounds" (rounds) and "not reached" (hours).
+
+``comparison.json`` holds, per run, the numbers behind the cells: ``rounds_to_90pct_central`` (the
+key keeps its name whatever the target; the top-level ``target`` says which fraction it is),
+``sim_hours_to_target`` (per seed, ``Infinity`` where it is not reached, empty without a clock) and
+``sim_hours_total`` (mean over seeds of the run's total simulated hours, ``null`` without a clock).
+
+The plot shows the test metric against the round and against the samples processed, plus, when
+some federated run has a virtual clock, against simulated hours (a third panel).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,15 +39,20 @@ from fedsim.checkpoint import atomic_write_json, atomic_write_text
 from fedsim.errors import FedsimError
 from fedsim.results import format_mean_std, markdown_table, mean_std, print_table, save_figure
 
-__all__ = ["load_summaries", "comparison", "write_comparison", "report", "COLUMNS"]
+__all__ = ["load_summaries", "comparison", "write_comparison", "report", "COLUMNS", "DEFAULT_TARGET"]
 
-COLUMNS = ["run", "mode", "strategy", "partition", "seeds", "final {m}", "best {m}", "rounds to 90% central",
-           "MB sent", "samples", "wall s", "worst-10% client {m}"]
+DEFAULT_TARGET = 0.9
+"""The fraction of the central run's final metric a federated run must reach (``report.target``)."""
+
+COLUMNS = ["run", "mode", "strategy", "partition", "seeds", "final {m}", "best {m}", "rounds to {p}% central",
+           "sim time to {p}% central", "MB sent", "samples", "wall s", "worst-10% client {m}"]
 TERMINAL = {"run": "run", "strategy": "strategy", "partition": "partition", "final {m}": "final {m}",
-            "rounds to 90% central": "to 90% central", "MB sent": "MB sent", "samples": "samples",
-            "worst-10% client {m}": "worst-10% client"}
+            "rounds to {p}% central": "to {p}% central", "sim time to {p}% central": "sim time to {p}%",
+            "MB sent": "MB sent", "worst-10% client {m}": "worst-10% cl."}
 """The columns printed on the terminal (under their short headers), so the table fits 120 columns;
-``comparison.md`` and ``comparison.json`` keep every column (mode, seeds, best, wall time)."""
+``comparison.md`` and ``comparison.json`` keep every column (mode, seeds, best, samples, wall time).
+``{m}`` is the metric, ``{p}`` the target in percent. The terminal cells are terse too (:func:`_terse`):
+"dir(0.1)" for "dirichlet(0.1)", "(2/3)" for "(2/3 seeds)", "n/a (all data)"."""
 
 
 def load_summaries(root: str | Path) -> list[dict[str, Any]]:
@@ -47,6 +68,19 @@ def load_summaries(root: str | Path) -> list[dict[str, Any]]:
     if not summaries:
         raise FedsimError(f"no summary.json under {root} (run `fedsim run EXPERIMENT.toml` first)")
     return summaries
+
+
+def _check_target(value: Any, where: str = "target") -> float:
+    """``value`` as a fraction in (0, 1], else a :class:`FedsimError` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise FedsimError(f"{where} = {value!r}: must be a number in (0, 1], the fraction of the central run's "
+                          f"final metric a federated run must reach (e.g. 0.9 for 90%)")
+    return float(value)
+
+
+def _percent(target: float) -> str:
+    """0.9 -> "90", 0.95 -> "95", 0.875 -> "87.5"."""
+    return f"{round(target * 100, 4):g}"
 
 
 def _groups(summaries: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -79,6 +113,29 @@ def _curve(summary: dict[str, Any], metric: str) -> tuple[list[float], list[floa
             [float(h[key]) for h in history])
 
 
+def _clock(summary: dict[str, Any], metric: str) -> tuple[list[float], list[float], list[float]] | None:
+    """(round, simulated hours at its end, metric) per round of a federated run with a virtual clock, else None."""
+    if summary["mode"] != "federated":
+        return None
+    key = f"test_{metric}"
+    history = [h for h in summary.get("history", []) if key in h and h.get("sim_time_s") is not None]
+    if not history:
+        return None
+    return ([float(h["round"]) for h in history], [float(h["sim_time_s"]) / 3600 for h in history],
+            [float(h[key]) for h in history])
+
+
+def _sim_hours_total(summary: dict[str, Any]) -> float | None:
+    """A federated run's total simulated hours (its ``metrics.sim_time_s``, else its last round's), else None."""
+    if summary["mode"] != "federated":
+        return None
+    total = summary.get("metrics", {}).get("sim_time_s")
+    if total is None:
+        clocked = [h["sim_time_s"] for h in summary.get("history", []) if h.get("sim_time_s") is not None]
+        total = clocked[-1] if clocked else None
+    return None if total is None else float(total) / 3600
+
+
 def _label(summary: dict[str, Any]) -> tuple[str, str]:
     if summary["mode"] != "federated":
         return "-", "-"
@@ -105,28 +162,76 @@ def _seconds(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f} ± {std:.1f}"
 
 
-def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
-    """Rows of the comparison table (numbers and their formatted text) and the curves to plot."""
+def _time_unit(hours: float) -> tuple[str, float]:
+    """The unit that reads best for a simulated time in hours, and the factor from hours to it: seconds under
+    two minutes, minutes under two hours, hours under two days, else days."""
+    seconds = abs(hours) * 3600
+    return ("s", 3600.0) if seconds < 120 else ("min", 60.0) if seconds < 7200 else \
+        ("h", 1.0) if seconds < 172800 else ("d", 1 / 24)
+
+
+def _hours(values: list[float]) -> str:
+    """Simulated time given in hours, shown in the unit that reads best for the mean (std in the same unit)."""
+    mean, std = mean_std(values)
+    unit, scale = _time_unit(mean)
+    mean, std = mean * scale, std * scale
+    text = f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f} ± {std:.1f}"
+    return f"{text} {unit}"
+
+
+def _reach_text(reach: list[float], fmt: Any, none: str) -> str:
+    """The cell for a group's steps (or hours) to the target: mean ± std over the seeds that reach it."""
+    reached = [r for r in reach if math.isfinite(r)]
+    if not reach:
+        return "-"
+    if len(reached) == len(reach):
+        return fmt(reached)
+    if reached:
+        return f"{fmt(reached)} ({len(reached)}/{len(reach)} seeds)"
+    return none
+
+
+def _first_reach(steps: list[float], values: list[float], at: list[float], threshold: float) -> float:
+    """``at`` of the first step after 0 whose value reaches ``threshold`` (inf if none does)."""
+    for step, value, x in zip(steps, values, at, strict=True):
+        if step > 0 and value >= threshold:
+            return x
+    return math.inf
+
+
+def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy",
+               target: float = DEFAULT_TARGET) -> dict[str, Any]:
+    """Rows of the comparison table (numbers and their formatted text) and the curves to plot.
+
+    ``target`` is the fraction of the central runs' mean final ``metric`` that defines the threshold
+    of the "rounds to" and "sim time to" columns.
+    """
+    target = _check_target(target)
     groups = _groups(summaries)
     central = [s for s in summaries if s["mode"] == "central"]
     for summary in central:
         if "_samples_per_epoch" not in summary:
             summary["_samples_per_epoch"] = _central_samples_per_epoch(summary)
     central_final = [s["metrics"][metric] for s in central if metric in s["metrics"]]
-    threshold = 0.9 * mean_std(central_final)[0] if central_final else math.nan
-    rows, numbers, curves = [], [], {}
+    threshold = target * mean_std(central_final)[0] if central_final else math.nan
+    rows, numbers, curves, sim_curves = [], [], {}, {}
     for name, group in groups.items():
         first = group[0]
         strategy, partition = _label(first)
         finals = [s["metrics"][metric] for s in group if metric in s["metrics"]]
-        bests, reach, sent, samples, worst = [], [], [], [], []
+        bests, reach, hours, totals, sent, samples, worst = [], [], [], [], [], [], []
         for summary in group:
             steps, seen, values = _curve(summary, metric)
+            clock = _clock(summary, metric)
             if values:
                 bests.append(max(values[1:] or values) if summary["mode"] == "federated" else max(values))
             if summary["mode"] == "federated" and not math.isnan(threshold):
-                hit = [step for step, value in zip(steps, values, strict=True) if step > 0 and value >= threshold]
-                reach.append(hit[0] if hit else math.inf)
+                reach.append(_first_reach(steps, values, steps, threshold))
+                if clock is not None:
+                    hours.append(_first_reach(clock[0], clock[2], clock[1], threshold))
+            total = _sim_hours_total(summary)
+            if total is not None:
+                totals.append(total)
             metrics = summary["metrics"]
             if "bytes_total" in metrics:
                 sent.append(metrics["bytes_total"] / 1e6)
@@ -136,31 +241,31 @@ def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy") ->
                 samples.append(seen[-1])
             if f"client_{metric}_worst10" in metrics:
                 worst.append(metrics[f"client_{metric}_worst10"])
-        reached = [r for r in reach if math.isfinite(r)]
-        if not reach:
-            reach_text = "-"
-        elif len(reached) == len(reach):
-            reach_text = _rounds(reached)
-        elif reached:
-            reach_text = f"{_rounds(reached)} ({len(reached)}/{len(reach)} seeds)"
-        else:
-            reach_text = f"not in {int(max(s['rounds'] for s in group))} rounds"
+        rounds = max((s.get("rounds", 0) for s in group), default=0)
+        reach_text = _reach_text(reach, _rounds, f"not in {int(rounds)} rounds")
+        hours_text = _reach_text(hours, _hours, "not reached")
         row = [name, first["mode"], strategy, partition, len(group), format_mean_std(finals) if finals else "-",
-               format_mean_std(bests) if bests else "-", reach_text,
+               format_mean_std(bests) if bests else "-", reach_text, hours_text,
                f"{mean_std(sent)[0]:.1f}" if sent else "-", f"{mean_std(samples)[0]:.0f}" if samples else "-",
                _seconds([s["wall_time_s"] for s in group]),
                format_mean_std(worst) if worst else ("n/a (trains on all data)" if first["mode"] == "central" else "-")]
         rows.append(row)
         numbers.append({"run": name, "mode": first["mode"], "strategy": strategy, "partition": partition,
                         "seeds": len(group), "final": mean_std(finals), "best": mean_std(bests),
-                        "rounds_to_90pct_central": reach, "mb_sent": mean_std(sent)[0] if sent else None,
+                        "rounds_to_90pct_central": reach, "sim_hours_to_target": hours,
+                        "sim_hours_total": mean_std(totals)[0] if totals else None,
+                        "mb_sent": mean_std(sent)[0] if sent else None,
                         "samples": mean_std(samples)[0] if samples else None,
                         "wall_s": mean_std([s["wall_time_s"] for s in group]),
                         "worst10_client": mean_std(worst) if worst else None})
         curves[name] = (first["mode"], [_curve(s, metric) for s in group])
-    columns = [c.format(m=metric) for c in COLUMNS]
-    return {"columns": columns, "rows": rows, "numbers": numbers, "curves": curves, "threshold": threshold,
-            "metric": metric}
+        clocked = [c for c in (_clock(s, metric) for s in group) if c is not None]
+        if clocked:
+            sim_curves[name] = clocked
+    percent = _percent(target)
+    columns = [c.format(m=metric, p=percent) for c in COLUMNS]
+    return {"columns": columns, "rows": rows, "numbers": numbers, "curves": curves, "sim_curves": sim_curves,
+            "threshold": threshold, "target": target, "percent": percent, "metric": metric}
 
 
 def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
@@ -171,8 +276,15 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
     import numpy as np
 
     metric = table["metric"]
-    fig, (by_round, by_samples) = plt.subplots(1, 2, figsize=(13, 4.8))
+    sim_curves = table.get("sim_curves") or {}
+    panels = 3 if sim_curves else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
+    by_round, by_samples = axes[0], axes[1]
+    by_hours = axes[2] if panels == 3 else None
+    table["plot_panels"] = panels
     fed_per_round: list[float] = []
+    longest = max((h for clocked in sim_curves.values() for c in clocked for h in c[1]), default=0.0)
+    time_unit, per_hour = _time_unit(longest)
     for name, (mode, runs) in table["curves"].items():
         if mode != "federated" or not runs or not runs[0][0]:
             continue
@@ -186,6 +298,12 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
         line = by_round.plot(steps, mean, label=name, marker=".")[0]
         by_round.fill_between(steps, mean - std, mean + std, alpha=0.15, color=line.get_color())
         by_samples.plot(seen, mean, label=name, marker=".", color=line.get_color())
+        clocked = sim_curves.get(name)
+        if by_hours is not None and clocked:  # mean over seeds, aligned by round
+            length = min(len(c[2]) for c in clocked)
+            hours = np.asarray([c[1][:length] for c in clocked]).mean(axis=0)
+            sim_values = np.asarray([c[2][:length] for c in clocked]).mean(axis=0)
+            by_hours.plot(hours * per_hour, sim_values, label=name, marker=".", color=line.get_color())
     per_round = float(np.mean(fed_per_round)) if fed_per_round else 0.0
     for name, (mode, runs) in table["curves"].items():
         if mode == "federated" or not runs or not runs[0][0]:
@@ -198,11 +316,19 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
             by_round.plot(seen / per_round, values, label=f"{name} (same samples)", color="black", linestyle="--",
                           marker="s")
         by_round.axhline(values[-1], color="gray", linestyle=":", label=f"{name} final")
+        if by_hours is not None:
+            by_hours.axhline(values[-1], color="gray", linestyle=":", label=f"{name} final")
+    lines = [by_round] if by_hours is None else [by_round, by_hours]
     if not math.isnan(table["threshold"]):
-        by_round.axhline(table["threshold"], color="red", linestyle=":", linewidth=0.8, label="90% of central")
+        for ax in lines:
+            ax.axhline(table["threshold"], color="red", linestyle=":", linewidth=0.8,
+                       label=f"{table.get('percent', '90')}% of central")
     by_round.set_xlabel("round")
     by_samples.set_xlabel("training samples processed")
-    for ax in (by_round, by_samples):
+    if by_hours is not None:
+        by_hours.set_xlabel(f"simulated time, {time_unit} (virtual clock)")
+        by_hours.legend(fontsize=7, loc="lower right")
+    for ax in axes:
         ax.set_ylabel(f"test {metric}")
         ax.grid(alpha=0.3)
     by_round.legend(fontsize=7, loc="lower right")
@@ -211,19 +337,35 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def _terse(cell: Any) -> Any:
-    return "n/a (all data)" if cell == "n/a (trains on all data)" else cell
+_TERSE_PARTITIONS = {"dirichlet(": "dir(", "quantity_skew(": "qskew("}
+_SEEDS_NOTE = re.compile(r" \((\d+/\d+) seeds\)$")
+
+
+def _terse(column: str, cell: Any) -> Any:
+    """A terminal cell: shorter partition names and seed notes (``comparison.md`` keeps the long ones)."""
+    if not isinstance(cell, str):
+        return cell
+    if cell == "n/a (trains on all data)":
+        return "n/a (all data)"
+    if column == "partition":
+        for long, short in _TERSE_PARTITIONS.items():
+            if cell.startswith(long):
+                return short + cell[len(long):]
+    return _SEEDS_NOTE.sub(r" (\1)", cell)
 
 
 def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *, metric: str = "accuracy",
-                     title: str = "central vs federated") -> dict[str, Any]:
+                     title: str = "central vs federated", target: float = DEFAULT_TARGET) -> dict[str, Any]:
     """Print the table; write ``comparison.md``, ``comparison.json`` and ``comparison.png`` to ``out_dir``."""
     out_dir = Path(out_dir)
-    table = comparison(summaries, metric)
+    table = comparison(summaries, metric, target)
     shown = [COLUMNS.index(name) for name in TERMINAL]
-    terminal_rows = [[_terse(row[i]) for i in shown] for row in table["rows"]]
-    print_table(f"{title}: {metric} (mean ± std over seeds; all columns in comparison.md)",
-                [TERMINAL[name].format(m=metric) for name in TERMINAL], terminal_rows, width=120, compact=True)
+    terminal_rows = [[_terse(COLUMNS[i], row[i]) for i in shown] for row in table["rows"]]
+    partial = any(isinstance(cell, str) and _SEEDS_NOTE.search(cell) for row in table["rows"] for cell in row)
+    seeds_note = ", (k/n) = k of n seeds reach it" if partial else ""
+    print_table(f"{title}: {metric} (mean ± std over seeds{seeds_note}; all columns in comparison.md)",
+                [TERMINAL[name].format(m=metric, p=table["percent"]) for name in TERMINAL], terminal_rows,
+                width=120, compact=True)
     startup = sum(float(s.get("startup_s", 0.0)) for s in summaries)
     note = (f"\nStart-up of the simulated SuperNodes (for Flower: Ray actors loading the ClientApp), paid once per simulation "
             f"and not in any run's wall time: {startup:.1f} s in total.\n" if startup else "")
@@ -231,7 +373,8 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *
         print(textwrap.fill(note.strip(), width=120))
     atomic_write_text(out_dir / "comparison.md", markdown_table(table["columns"], table["rows"]) + note)
     atomic_write_json(out_dir / "comparison.json", {"columns": table["columns"], "rows": table["rows"],
-                                                    "numbers": table["numbers"], "threshold": table["threshold"]})
+                                                    "numbers": table["numbers"], "threshold": table["threshold"],
+                                                    "target": table["target"]})
     png = _plot(table, out_dir / "comparison.png", f"{title}: test {metric}")
     print(f"wrote {out_dir / 'comparison.md'} and {png}")
     table["png"] = png
@@ -239,6 +382,8 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *
 
 
 def report(experiment: Any, summaries: list[dict[str, Any]], root: Path) -> None:
-    """The ``central_vs_federated`` experiment report (``report.kind``)."""
+    """The ``central_vs_federated`` experiment report (``report.kind``; ``report.metric``, ``report.target``)."""
     metric = str(experiment.report.get("metric", "accuracy"))
-    write_comparison(summaries, root, metric=metric, title=experiment.name)
+    source = getattr(experiment, "source", "") or "experiment"
+    target = _check_target(experiment.report.get("target", DEFAULT_TARGET), f"{source}: key 'report.target'")
+    write_comparison(summaries, root, metric=metric, title=experiment.name, target=target)

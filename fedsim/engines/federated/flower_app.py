@@ -51,12 +51,15 @@ from fedsim.data import ClientShard, DatasetSplit, NaturalClients, Population
 from fedsim.data.partition import lazy_partition, partition_labels, split_holdout
 from fedsim.engines.common import build_model, last_test_metrics, load_task_data, task_context
 from fedsim.engines.federated import fewshot as fed_fewshot
+from fedsim.engines.federated.devices import Devices
+from fedsim.engines.federated.fedbuff import BufferedServer
 from fedsim.engines.federated.rounds import (
     CLIENT_STATE_KEY,
     FAIL_KEY,
     LOCAL_EPOCHS_KEY,
     LOCAL_STEPS_KEY,
     RUN_KEY,
+    ClockSetup,
     NodeMap,
     RoundLoop,
     connect_nodes,
@@ -447,7 +450,7 @@ class _Progress:
     resumed: bool = False
 
 
-def _restore(job: FederatedJob, strategy: Any, loop: RoundLoop) -> _Progress:
+def _restore(job: FederatedJob, strategy: Any, loop: RoundLoop, server: BufferedServer | None) -> _Progress:
     """Global arrays, strategy state, client state, totals and history from the run's checkpoint."""
     checkpoint = load_checkpoint(job.out.checkpoint_path)
     if checkpoint.get("engine") != "federated":
@@ -459,7 +462,11 @@ def _restore(job: FederatedJob, strategy: Any, loop: RoundLoop) -> _Progress:
     except ValueError as exc:
         raise FedsimError(f"{job.out.checkpoint_path}: {exc} (was it written with another strategy?)") from exc
     loop.client_state = {int(p): to_record(s) for p, s in state["client_state"].items()}
-    loop.totals = dict(state["totals"])
+    loop.totals = {"sim_time_s": 0.0, **state["totals"]}
+    if server is not None:
+        if "fedbuff" not in state:
+            raise FedsimError(f"{job.out.checkpoint_path} was not written by a FedBuff run (federated.system.server)")
+        server.restore(state["fedbuff"])
     progress = _Progress(ArrayRecord({k: v.clone() for k, v in checkpoint["model"].items()}), list(state["history"]),
                          int(checkpoint["round"]), resumed=True)
     job.out.reset_metrics()  # rewrite the log from the checkpoint: rounds after it are redone
@@ -468,12 +475,14 @@ def _restore(job: FederatedJob, strategy: Any, loop: RoundLoop) -> _Progress:
     return progress
 
 
-def _save(job: FederatedJob, strategy: Any, loop: RoundLoop, progress: _Progress) -> None:
+def _save(job: FederatedJob, strategy: Any, loop: RoundLoop, progress: _Progress,
+          server: BufferedServer | None) -> None:
     """Checkpoint after a round, in the shared format (atomic)."""
     engine_state = {
         "strategy": get_strategy_state(strategy),
         "client_state": {p: {k: v.numpy() for k, v in s.items()} for p, s in loop.client_state.items()},
         "totals": dict(loop.totals), "history": progress.history,
+        **({"fedbuff": server.state()} if server is not None else {}),
     }
     save_checkpoint(job.out.checkpoint_path, make_checkpoint(
         "federated", progress.arrays.to_torch_state_dict(), round=progress.round, engine_state=engine_state))
@@ -491,6 +500,7 @@ def _summary_metrics(task: Task, history: list[dict[str, Any]], client_metrics: 
     metrics.update(client_distribution(client_metrics, primary, higher))
     metrics["bytes_total"] = float(loop.totals["bytes"])
     metrics["samples_total"] = float(loop.totals["samples"])
+    metrics["sim_time_s"] = float(loop.totals.get("sim_time_s", 0.0))
     metrics["failed_client_rounds"] = sum(len(h.get("failed", [])) for h in history)
     return metrics
 
@@ -499,6 +509,15 @@ def _write_client_metrics(out: RunDir, client_metrics: dict[int, dict[str, float
     """One JSON line per evaluated client (``{"client": k, ...metrics}``), gzip-compressed, atomically."""
     lines = "".join(json.dumps({"client": p, **m}) + "\n" for p, m in client_metrics.items())
     atomic_write_bytes(out.path("client_metrics.jsonl.gz"), gzip.compress(lines.encode(), mtime=0))
+
+
+def clock_setup(run: RunConfig) -> ClockSetup:
+    """The virtual clock of ``run``: device profiles and availability (traces read relative to the working
+    folder), and each client's training-sample count as its ClientApp will see it."""
+    fed = run.federated
+    data = client_data(run)
+    return ClockSetup(Devices(fed.system, fed.num_clients, run.train.seed, base_dir=Path.cwd()), fed.system,
+                      lambda p: len(data.shard(p).train_idx), run.train.batch_size)
 
 
 def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[str, Any]:
@@ -525,14 +544,15 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
     loop = RoundLoop(strategy, fed.num_clients, k, run.train.seed, run_json(to_dict(run)), evaluate,
                      fed.dropout_fraction, fed.straggler_fraction, timeout=fed.reply_timeout_s,
                      straggler_work=fed.straggler_work, local_epochs=fed.local_epochs, local_steps=fed.local_steps,
-                     uses_client_state=uses_client_state(strategy))
+                     uses_client_state=uses_client_state(strategy), clock=clock_setup(run))
+    server = BufferedServer(loop, concurrency=k) if fed.system.server == "fedbuff" else None
     if job.resume and out.checkpoint_path.exists():
-        progress = _restore(job, strategy, loop)
+        progress = _restore(job, strategy, loop, server)
     else:
         # Straight into progress: a local name would keep the initial arrays alive for the whole run.
         progress = _Progress(tensors_to_record(model.state_dict()), [])
         record = {"round": 0, **{f"test_{k}": v for k, v in evaluate(progress.arrays).items()},
-                  "bytes_total": 0.0, "samples_total": 0.0}
+                  "bytes_total": 0.0, "samples_total": 0.0, "sim_time_s": 0.0}
         progress.history.append(record)
         out.reset_metrics()
         out.log(record)
@@ -543,7 +563,8 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
     for server_round in range(progress.round + 1, fed.rounds + 1):
         # A marker fault tests (and operators) can wait on: the round's messages go out next.
         atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
-        result = loop.round(grid, server_round, progress.arrays)
+        result = (server.step(grid, server_round, progress.arrays) if server is not None
+                  else loop.round(grid, server_round, progress.arrays))
         every = fed.evaluate_clients_every
         if every and server_round % every == 0 and server_round < fed.rounds:
             cohort = evaluation_cohort(run.train.seed, server_round, fed.num_clients, fed.evaluate_clients)
@@ -555,7 +576,7 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
         log.info("round %d/%d: %s", server_round, fed.rounds,
                  " ".join(f"{k}={v:.4g}" for k, v in result.record.items() if k.startswith("test_")))
         if run.train.checkpoint:
-            _save(job, strategy, loop, progress)
+            _save(job, strategy, loop, progress, server)
         if job.stop_after_round and server_round >= job.stop_after_round:
             return {"interrupted_after_round": server_round}
     cohort = evaluation_cohort(run.train.seed, fed.rounds + 1, fed.num_clients, fed.evaluate_clients)

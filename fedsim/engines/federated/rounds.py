@@ -39,6 +39,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.config import SystemConfig, over_selected
+from fedsim.engines.federated.clock import RoundPlan, message_array_bytes, plan_round, sample_available
+from fedsim.engines.federated.devices import Devices
 from fedsim.errors import FedsimError, RunFailedError
 from fedsim.train import derive_seed
 
@@ -63,7 +66,7 @@ __all__ = [
     "NodeMap", "DiscoveredNodes", "connect_nodes", "evaluation_cohort",
     "RoundResult", "RUN_KEY", "FAIL_KEY", "CLIENT_STATE_KEY", "NO_REPLY", "num_sampled", "short_reason",
     "LOCAL_EPOCHS_KEY", "LOCAL_STEPS_KEY", "partial_work",
-    "check_round_had_replies", "check_global_model",
+    "check_round_had_replies", "check_global_model", "ClockSetup",
 ]
 
 
@@ -301,6 +304,17 @@ def check_global_model(server_round: int, scores: dict[str, float], aggregated: 
 
 # ---- the loop ------------------------------------------------------------------------------------
 @dataclass
+class ClockSetup:
+    """What the virtual clock needs (:mod:`fedsim.engines.federated.clock`): the devices, the waiting policy,
+    and each client's training-sample count (the server knows its clients' data sizes, as FedScale's does)."""
+
+    devices: Devices
+    system: SystemConfig
+    n_train: Callable[[int], int]
+    batch_size: int
+
+
+@dataclass
 class RoundResult:
     """What one round did (one line of metrics.jsonl)."""
 
@@ -343,7 +357,9 @@ class RoundLoop:
     client_state: dict[int, ArrayRecord] = field(default_factory=dict)
     nodes: NodeMap = field(default_factory=lambda: DiscoveredNodes({}))
     """partition id <-> node id (learned by :meth:`connect`)."""
-    totals: dict[str, float] = field(default_factory=lambda: {"bytes": 0.0, "samples": 0.0})
+    totals: dict[str, float] = field(default_factory=lambda: {"bytes": 0.0, "samples": 0.0, "sim_time_s": 0.0})
+    clock: ClockSetup | None = None
+    """The virtual clock (None: rounds are not timed; fedsim's server always sets one)."""
 
     def connect(self, grid: Grid) -> None:
         """Learn which node holds which partition (before the first round)."""
@@ -402,19 +418,22 @@ class RoundLoop:
     def round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> RoundResult:
         """Configure, send, collect in partition order, aggregate, evaluate."""
         started = time.perf_counter()
-        sampled = sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round)
+        start_s = float(self.totals.get("sim_time_s", 0.0))
+        sampled, start_s = self._sample(server_round, start_s)
         dropouts, stragglers = simulated_faults(self.seed, server_round, sampled, self.dropout_fraction,
                                                 self.straggler_fraction)
         partial = self._partial(server_round, stragglers)
         discarded = [] if partial else stragglers  # stragglers whose replies come "too late"
         view = SampledGrid(grid, [self.nodes.node_of(p) for p in sampled])
-        configured = list(self.strategy.configure_train(server_round, arrays, self._config(), view))
-        messages = []
-        for message in configured:
-            partition_id = self._partition_of(message.metadata.dst_node_id)
-            messages.append(self._per_client(message, partition_id, partition_id in dropouts, server_round,
-                                             partial.get(partition_id)))
+        configured = {self._partition_of(m.metadata.dst_node_id): m
+                      for m in self.strategy.configure_train(server_round, arrays, self._config(), view)}
+        plan = self._plan(start_s, sampled, configured, partial, dropouts, discarded)
+        work = {**partial, **(plan.partial if plan else {})}
+        messages = [self._per_client(configured[p], p, p in dropouts, server_round, work.get(p))
+                    for p in (plan.send if plan else sorted(configured))]
         bytes_down = sum(payload_bytes(m.content) for m in messages)
+        if plan is not None:  # late clients downloaded the model too (they were not sent it only to save time here)
+            bytes_down += sum(message_array_bytes(configured[p].content, skip=(CLIENT_STATE_KEY,)) for p in plan.late)
         replies = self._by_partition(messages, grid.send_and_receive(messages, timeout=self.timeout))
         ordered, failed, errors = [], [], {}
         bytes_up, samples = 0, 0
@@ -438,6 +457,9 @@ class RoundLoop:
         for partition_id, reason in errors.items():
             log.warning("round %d: client %d failed: %s", server_round, partition_id, short_reason(reason))
         if not ordered:
+            if plan is not None and (plan.late or plan.offline):
+                log.warning("round %d: %d sampled client(s) would reply after the server stopped waiting and %d went "
+                            "offline", server_round, len(plan.late), len(plan.offline))
             check_round_had_replies(server_round, sampled, errors, dropouts, discarded)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, ordered) if ordered else (None, None)
         if new_arrays is not None:
@@ -462,7 +484,36 @@ class RoundLoop:
             "bytes_total": self.totals["bytes"], "samples_total": self.totals["samples"],
             "round_time_s": time.perf_counter() - started,
         })
+        if plan is not None:
+            self.totals["sim_time_s"] = plan.end_s
+            record.update(clock_record(plan))
         return RoundResult(record, arrays)
+
+    def _sample(self, server_round: int, start_s: float) -> tuple[list[int], float]:
+        """This round's cohort (over-selected when asked) among the clients online at its start."""
+        count = self.clients_per_round
+        if self.clock is not None and self.clock.system.over_selection > 0:
+            count = over_selected(count, self.clock.system.over_selection)
+        if self.clock is None or self.clock.devices.always_available:
+            return sample_clients(self.seed, server_round, self.num_clients, count), start_s
+        start_s, sampled = sample_available(self.seed, server_round, self.num_clients, count, self.clock.devices,
+                                            start_s)
+        return sampled, start_s
+
+    def _plan(self, start_s: float, sampled: list[int], configured: dict[int, Message], partial: dict[int, int],
+              dropouts: list[int], discarded: list[int]) -> RoundPlan | None:
+        """The clock's plan: who is sent the round, with how much work, and when the server stops waiting."""
+        if self.clock is None:
+            return None
+        clock, system = self.clock, self.clock.system
+        sizes = {p: message_array_bytes(configured[p].content, skip=(CLIENT_STATE_KEY,)) for p in sampled}
+        return plan_round(
+            start_s=start_s, sampled=sampled, devices=clock.devices, bytes_down=sizes, bytes_up=sizes,
+            n_train={p: clock.n_train(p) for p in sampled}, batch_size=clock.batch_size,
+            full_units=self.local_steps if self.local_steps > 0 else self.local_epochs, by_steps=self.local_steps > 0,
+            aggregate=self.clients_per_round if system.over_selection > 0 else len(sampled),
+            deadline_s=system.deadline_s, late_work=system.late_work, units=partial, no_reply=dropouts,
+            discarded=discarded)
 
     def evaluate_clients(self, grid: Grid, arrays: ArrayRecord, server_round: int,
                          cohort: list[int] | None = None) -> dict[int, dict[str, float]]:
@@ -480,6 +531,17 @@ class RoundLoop:
             metrics = reply.content["metrics"]
             out[partition_id] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return dict(sorted(out.items()))
+
+
+def clock_record(plan: RoundPlan) -> dict[str, Any]:
+    """The clock's part of a round's metrics line: when it started and ended, and every sampled client's
+    planned seconds (in the order of ``clients``)."""
+    return {
+        "sim_start_s": plan.start_s, "sim_round_s": plan.round_s, "sim_time_s": plan.end_s,
+        "client_time_s": [round(plan.times[p].total_s, 9) for p in plan.sampled],
+        "late": plan.late, "offline": plan.offline,
+        **({"deadline_partial": [[p, w] for p, w in sorted(plan.partial.items())]} if plan.partial else {}),
+    }
 
 
 def run_json(run_dict: dict[str, Any]) -> str:
