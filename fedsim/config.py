@@ -49,6 +49,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DPSGDConfig:
+    """Differentially private SGD (Abadi et al. 2016) with Opacus: per-sample gradients clipped to
+    ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``, Poisson-sampled batches of
+    expected size ``train.batch_size`` (``train.dp``; central and DDP runs). Off unless ``epsilon`` or
+    ``noise_multiplier`` is given (exactly one of them)."""
+
+    epsilon: float | None = None
+    """Target epsilon for the whole run; the noise multiplier is resolved from it (the accountant below)
+    before training starts."""
+    noise_multiplier: float | None = None
+    """sigma, instead of a target epsilon; epsilon is then what the accountant reports."""
+    delta: float | None = None
+    """delta of (epsilon, delta); default 1 / (training samples)."""
+    max_grad_norm: float = 1.0
+    """Per-sample gradient clipping bound C."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus' accountant: Renyi DP (Mironov 2017) or the PRV accountant (Gopi et al. 2021)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None or self.noise_multiplier is not None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The shared training loop's settings (every engine reads these)."""
 
@@ -88,6 +112,8 @@ class TrainConfig:
     """Batch size for evaluation."""
     progress: bool = True
     """Show a rich progress bar."""
+    dp: DPSGDConfig = field(default_factory=DPSGDConfig)
+    """Differentially private SGD with Opacus (``[train.dp]``; central and DDP runs)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +238,41 @@ class SystemConfig:
 
 
 @dataclass(frozen=True)
+class FederatedDPConfig:
+    """User-level differential privacy for FedAvg-family runs (``federated.dp``): each client's model
+    update is clipped to L2 norm ``clipping_norm`` and the server adds Gaussian noise of std
+    ``noise_multiplier * clipping_norm / K`` to the mean of the K sampled updates (Flower's DP strategy
+    wrappers; McMahan et al. 2018's DP-FedAvg with uniform weights and a fixed denominator). Privacy is
+    accounted for K clients sampled without replacement from N each round (replace-one neighbours, RDP)."""
+
+    clipping: Literal["off", "server", "client", "adaptive"] = "off"
+    """``server``: the server clips each update (``DifferentialPrivacyServerSideFixedClipping``); ``client``:
+    each client clips its own (``DifferentialPrivacyClientSideFixedClipping`` + ``fixedclipping_mod``);
+    ``adaptive``: server-side clipping whose bound tracks a quantile of the update norms (Andrew et al. 2021,
+    ``DifferentialPrivacyServerSideAdaptiveClipping``); ``off``: no DP."""
+    clipping_norm: float = 1.0
+    """The clipping bound C (the initial bound for ``adaptive``)."""
+    noise_multiplier: float | None = None
+    """sigma; give it or a target ``epsilon``, not both."""
+    epsilon: float | None = None
+    """Target epsilon after ``federated.rounds`` rounds: sigma is resolved from it before the run starts."""
+    delta: float | None = None
+    """delta of (epsilon, delta); default 1 / num_clients."""
+    target_quantile: float = 0.5
+    """``adaptive``: the fraction of updates the bound should leave unclipped."""
+    clip_learning_rate: float = 0.2
+    """``adaptive``: the geometric step size of the bound's update."""
+    clipped_count_stddev: float | None = None
+    """``adaptive``: noise std of the count of clipped updates (default K / 20, Flower's); it spends part of the
+    budget, so the update noise is raised to keep the total noise multiplier (Andrew et al. 2021, Thm 1),
+    which needs noise_multiplier < 2 x clipped_count_stddev."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.clipping != "off"
+
+
+@dataclass(frozen=True)
 class FederatedConfig:
     """Federated rounds (Flower ServerApp/ClientApp and strategies)."""
 
@@ -289,6 +350,10 @@ class FederatedConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     """Device profiles, availability, deadlines, over-selection and asynchronous aggregation on the
     virtual clock (``[federated.system]``)."""
+    dp: FederatedDPConfig = field(default_factory=FederatedDPConfig)
+    """User-level differential privacy (``[federated.dp]``)."""
+    secure_aggregation: bool = False
+    """Aggregate with Flower's SecAgg+ (the server sees only the sum of the clients' updates)."""
 
 
 @dataclass(frozen=True)
@@ -749,6 +814,105 @@ def _ddp_violations(ddp: DDPConfig) -> Iterator[Violation]:
             yield "ddp.rdzv_endpoint", ddp.rdzv_endpoint, "expected HOST:PORT"
 
 
+FEDAVG_FAMILY = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+"""Strategies whose aggregation is a (weighted) mean of the client models followed by a server step:
+those user-level DP and secure aggregation apply to."""
+
+
+def _privacy_budget_violations(prefix: str, epsilon: float | None, delta: float | None,
+                               noise_multiplier: float | None) -> Iterator[Violation]:
+    if epsilon is not None and (not math.isfinite(epsilon) or epsilon <= 0):
+        yield f"{prefix}.epsilon", epsilon, "must be a finite number > 0 (a privacy budget)"
+    if delta is not None and (not math.isfinite(delta) or not 0 < delta < 1):
+        yield f"{prefix}.delta", delta, "must be in (0, 1) (typically below 1 / the number of records)"
+    if noise_multiplier is not None and (not math.isfinite(noise_multiplier) or noise_multiplier <= 0):
+        yield f"{prefix}.noise_multiplier", noise_multiplier, "must be a finite number > 0"
+    if epsilon is not None and noise_multiplier is not None:
+        yield (f"{prefix}.noise_multiplier", noise_multiplier,
+               f"give a target {prefix}.epsilon ({epsilon:g}) or a noise multiplier, not both")
+
+
+def _dp_violations(run: RunConfig) -> Iterator[Violation]:
+    dp = run.train.dp
+    yield from _privacy_budget_violations("train.dp", dp.epsilon, dp.delta, dp.noise_multiplier)
+    if _out_of_range(dp.max_grad_norm, 0.0, _OPEN, math.inf, _OPEN):
+        yield "train.dp.max_grad_norm", dp.max_grad_norm, "must be a finite number > 0"
+    if dp.enabled and run.mode not in ("central", "ddp"):
+        yield ("train.dp.epsilon" if dp.epsilon is not None else "train.dp.noise_multiplier",
+               dp.epsilon if dp.epsilon is not None else dp.noise_multiplier,
+               f"DP-SGD (train.dp) runs in central and ddp modes, not '{run.mode}'"
+               + (" (federated runs: federated.dp)" if run.mode == "federated" else ""))
+    fed, fdp = run.federated, run.federated.dp
+    yield from _privacy_budget_violations("federated.dp", fdp.epsilon, fdp.delta, fdp.noise_multiplier)
+    for key, value, low, low_in, high, high_in in (
+            ("clipping_norm", fdp.clipping_norm, 0.0, _OPEN, math.inf, _OPEN),
+            ("target_quantile", fdp.target_quantile, 0.0, _CLOSED, 1.0, _CLOSED),
+            ("clip_learning_rate", fdp.clip_learning_rate, 0.0, _OPEN, math.inf, _OPEN)):
+        if _out_of_range(value, low, low_in, high, high_in):
+            yield f"federated.dp.{key}", value, f"must be {_interval(low, low_in, high, high_in)}"
+    if fdp.clipped_count_stddev is not None and _out_of_range(fdp.clipped_count_stddev, 0.0, _OPEN, math.inf, _OPEN):
+        yield "federated.dp.clipped_count_stddev", fdp.clipped_count_stddev, "must be a finite number > 0"
+    elif fdp.clipping == "adaptive" and fdp.noise_multiplier is not None:
+        count_std = fdp.clipped_count_stddev or _sampled_per_round(fed) / 20
+        if fdp.noise_multiplier >= 2 * count_std:
+            yield ("federated.dp.noise_multiplier", fdp.noise_multiplier,
+                   f"adaptive clipping needs noise_multiplier < 2 x clipped_count_stddev ({count_std:g}"
+                   f"{'' if fdp.clipped_count_stddev else ' = K / 20, the default'}): raise "
+                   "federated.dp.clipped_count_stddev or the cohort")
+    if not fdp.enabled:
+        for key, value in (("epsilon", fdp.epsilon), ("noise_multiplier", fdp.noise_multiplier)):
+            if value is not None:
+                yield (f"federated.dp.{key}", value,
+                       'no DP without clipping: set federated.dp.clipping = "server", "client" or "adaptive"')
+        return
+    if fdp.epsilon is None and fdp.noise_multiplier is None:
+        yield ("federated.dp.clipping", fdp.clipping,
+               "DP needs noise: give federated.dp.epsilon (a target) or federated.dp.noise_multiplier")
+    if fed.strategy not in FEDAVG_FAMILY:
+        yield ("federated.strategy", fed.strategy,
+               f"user-level DP needs a mean of client updates: one of {', '.join(FEDAVG_FAMILY)} "
+               "(SCAFFOLD's control variates, FedNova's normalisation, median and Krum are not covered)")
+    system = fed.system
+    for key, value in (("federated.dropout_fraction", fed.dropout_fraction),
+                       ("federated.straggler_fraction", fed.straggler_fraction),
+                       ("federated.system.over_selection", system.over_selection),
+                       ("federated.system.deadline_s", system.deadline_s)):
+        if value:
+            yield (key, value, "DP-FedAvg's noise is calibrated to a fixed denominator K: every sampled client's "
+                               "update must be aggregated (set it to 0)")
+    if system.server != "sync":
+        yield ("federated.system.server", system.server, "DP-FedAvg is accounted per synchronous round")
+    if system.availability != "always" or system.availability_trace:
+        yield ("federated.system.availability", system.availability,
+               "the accountant assumes K of all N clients sampled uniformly each round: keep every client available")
+
+
+def _secure_aggregation_violations(fed: FederatedConfig) -> Iterator[Violation]:
+    if not fed.secure_aggregation:
+        return
+    if fed.strategy not in FEDAVG_FAMILY:
+        yield ("federated.strategy", fed.strategy,
+               f"secure aggregation reveals only a sum of client models: one of {', '.join(FEDAVG_FAMILY)}")
+    if fed.system.server != "sync":
+        yield "federated.system.server", fed.system.server, "SecAgg+ aggregates synchronous rounds"
+    k = _sampled_per_round(fed)
+    if not 2 <= k <= 1023:
+        yield ("federated.clients_per_round", k, "SecAgg+ needs 2 to 1023 clients per round (masks cancel between "
+                                                 "at least two; the sum of 1024 would overflow its 2^32 modulus)")
+    lost = min(_faulty(fed.dropout_fraction, k), k)
+    if fed.straggler_work == "drop":
+        lost += min(_faulty(fed.straggler_fraction, k), k - lost)
+    tolerated = k - (k // 2 + 1)
+    if lost > tolerated:
+        yield ("federated.dropout_fraction" if fed.dropout_fraction else "federated.straggler_fraction",
+               fed.dropout_fraction or fed.straggler_fraction,
+               f"{lost} of {k} clients per round would drop out of SecAgg+, which recovers at most {tolerated} "
+               f"(its threshold is {k // 2 + 1} of {k})")
+    if fed.dp.clipping in ("server", "adaptive"):
+        yield ("federated.dp.clipping", fed.dp.clipping, "with secure aggregation the server sees only the sum: "
+                                                         'clip on the clients (federated.dp.clipping = "client")')
+
+
 def run_violations(run: RunConfig) -> Iterator[Violation]:
     """Every broken range or cross-field rule of ``run``, ranges first (so a cross-field message never
     quotes an out-of-range value).
@@ -761,6 +925,8 @@ def run_violations(run: RunConfig) -> Iterator[Violation]:
     """
     yield from _range_violations(run)
     yield from _federated_violations(run.federated)
+    yield from _dp_violations(run)
+    yield from _secure_aggregation_violations(run.federated)
     yield from _pipeline_violations(run)
     yield from _ddp_violations(run.ddp)
 

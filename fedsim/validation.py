@@ -81,6 +81,15 @@ def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | N
         raise err("mode", run.mode, f"unknown mode; known: {', '.join(sorted(ENGINES))}")
     _task(run, err)  # the name and the options, for every mode
     _names(run, err)
+    if run.train.dp.enabled:  # DP-SGD: a model Opacus can wrap, a reachable target epsilon
+        from fedsim.engines.common import build_model
+        from fedsim.privacy.dpsgd import check_dpsgd
+
+        task, split = (load or _load)(run)
+        try:
+            check_dpsgd(run, task, build_model(task, split, run, torch.device("cpu")), population=len(split.train))
+        except ConfigError as exc:
+            raise err(exc.key, exc.value, exc.reason) from exc
     if run.mode not in _DATA_MODES:
         return run
     task, split = (load or _load)(run)
@@ -250,6 +259,33 @@ def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) ->
                            lambda: client_population(run, task, split).sizes(), err)
     sizes = population.sizes() if hasattr(population, "sizes") else None
     _system(run, task, split, population, sizes, err)
+    if run.federated.dp.enabled:
+        _user_level_dp(run, task, split, err)
+
+
+def _user_level_dp(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) -> None:
+    """Flower's DP wrappers clip and noise every array of the model: running statistics and counters
+    (BatchNorm's buffers) would be clipped as if they were weights, and an integer counter cannot take
+    Gaussian noise. A target epsilon must be reachable."""
+    from fedsim.engines.common import build_model
+    from fedsim.engines.federated.rounds import num_sampled
+    from fedsim.privacy.dp_fedavg import noise_for_epsilon
+
+    model = build_model(task, split, run, torch.device("cpu"))
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        shown = ", ".join(buffers[:3]) + (f" and {len(buffers) - 3} more" if len(buffers) > 3 else "")
+        raise err("federated.dp.clipping", run.federated.dp.clipping,
+                  f"task '{run.task}' has buffers ({shown}: BatchNorm statistics) that DP clipping and noise would "
+                  "treat as weights; use a task without BatchNorm (GroupNorm keeps no statistics)")
+    fed, dp = run.federated, run.federated.dp
+    if dp.epsilon is not None:
+        k = num_sampled(fed.num_clients, fed.clients_per_round, fed.fraction_fit)
+        delta = dp.delta if dp.delta is not None else 1.0 / fed.num_clients
+        try:
+            noise_for_epsilon(fed.num_clients, k, fed.rounds, delta, dp.epsilon)
+        except ValueError as exc:
+            raise err("federated.dp.epsilon", dp.epsilon, str(exc)) from exc
 
 
 def _train_sizes(run: RunConfig, population: Any, sizes: np.ndarray | None) -> np.ndarray:

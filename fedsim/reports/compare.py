@@ -212,7 +212,9 @@ def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy",
     for summary in central:
         if "_samples_per_epoch" not in summary:
             summary["_samples_per_epoch"] = _central_samples_per_epoch(summary)
-    central_final = [s["metrics"][metric] for s in central if metric in s["metrics"]]
+    # The target is the non-private central model's (DP-SGD runs are rows of the table, not the reference).
+    reference = [s for s in central if "dp_epsilon" not in s["metrics"]] or central
+    central_final = [s["metrics"][metric] for s in reference if metric in s["metrics"]]
     threshold = target * mean_std(central_final)[0] if central_final else math.nan
     rows, numbers, curves, sim_curves = [], [], {}, {}
     for name, group in groups.items():
@@ -264,8 +266,59 @@ def comparison(summaries: Sequence[dict[str, Any]], metric: str = "accuracy",
             sim_curves[name] = clocked
     percent = _percent(target)
     columns = [c.format(m=metric, p=percent) for c in COLUMNS]
+    privacy = _privacy_points(groups, metric)
+    if privacy is not None:  # an epsilon column when some run is differentially private
+        columns.append(EPSILON)
+        for row, number, name in zip(rows, numbers, groups, strict=True):
+            epsilons = [s["metrics"]["dp_epsilon"] for s in groups[name] if "dp_epsilon" in s["metrics"]]
+            row.append(f"{mean_std(epsilons)[0]:.2f}" if epsilons else "- (no DP)")
+            number["epsilon"] = mean_std(epsilons)[0] if epsilons else None
     return {"columns": columns, "rows": rows, "numbers": numbers, "curves": curves, "sim_curves": sim_curves,
-            "threshold": threshold, "target": target, "percent": percent, "metric": metric}
+            "threshold": threshold, "target": target, "percent": percent, "metric": metric, "privacy": privacy}
+
+
+EPSILON = "ε"
+"""The privacy column (the run's epsilon at its delta, from ``metrics.dp_epsilon``); only when a run has DP."""
+
+
+def _privacy_points(groups: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, Any] | None:
+    """Final ``metric`` against epsilon, per mode, for the private runs; the non-private finals per mode as
+    references. None when no run is private."""
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    references: dict[str, float] = {}
+    for group in groups.values():
+        finals = [s["metrics"][metric] for s in group if metric in s["metrics"]]
+        if not finals:
+            continue
+        epsilons = [s["metrics"]["dp_epsilon"] for s in group if "dp_epsilon" in s["metrics"]]
+        mode = group[0]["mode"]
+        mean, std = mean_std(finals)
+        if epsilons:
+            points.setdefault(mode, []).append((mean_std(epsilons)[0], mean, std))
+        else:
+            references.setdefault(mode, mean)
+    if not points:
+        return None
+    return {"points": {mode: sorted(p) for mode, p in points.items()}, "references": references}
+
+
+def _privacy_panel(ax: Any, privacy: dict[str, Any], metric: str) -> None:
+    """Final metric against epsilon (log scale) per mode, with the non-private runs as horizontal lines."""
+    styles = {"central": ("black", "s"), "federated": ("tab:blue", "o")}
+    for mode, points in privacy["points"].items():
+        color, marker = styles.get(mode, ("tab:gray", "^"))
+        eps, mean, std = zip(*points, strict=True)
+        ax.errorbar(eps, mean, yerr=std, color=color, marker=marker, capsize=3, label=f"{mode}, DP")
+    for mode, value in privacy["references"].items():
+        color, _ = styles.get(mode, ("tab:gray", "^"))
+        ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"{mode}, no DP")
+    ax.set_xscale("log")
+    ticks = sorted({round(e, 1) for points in privacy["points"].values() for e, _, _ in points})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("ε (privacy budget, log scale)")
+    ax.set_title(f"final {metric} vs ε", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
@@ -277,10 +330,13 @@ def _plot(table: dict[str, Any], path: Path, title: str) -> Path:
 
     metric = table["metric"]
     sim_curves = table.get("sim_curves") or {}
-    panels = 3 if sim_curves else 2
+    privacy = table.get("privacy")
+    panels = 2 + bool(sim_curves) + bool(privacy)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
     by_round, by_samples = axes[0], axes[1]
-    by_hours = axes[2] if panels == 3 else None
+    by_hours = axes[2] if sim_curves else None
+    if privacy:
+        _privacy_panel(axes[-1], privacy, metric)
     table["plot_panels"] = panels
     fed_per_round: list[float] = []
     longest = max((h for clocked in sim_curves.values() for c in clocked for h in c[1]), default=0.0)
@@ -359,12 +415,16 @@ def write_comparison(summaries: Sequence[dict[str, Any]], out_dir: str | Path, *
     """Print the table; write ``comparison.md``, ``comparison.json`` and ``comparison.png`` to ``out_dir``."""
     out_dir = Path(out_dir)
     table = comparison(summaries, metric, target)
-    shown = [COLUMNS.index(name) for name in TERMINAL]
-    terminal_rows = [[_terse(COLUMNS[i], row[i]) for i in shown] for row in table["rows"]]
+    terminal = dict(TERMINAL)
+    if table["privacy"] is not None:  # room for epsilon on the terminal: the traffic column stays in the files
+        terminal = {name: (EPSILON if name == "MB sent" else short) for name, short in TERMINAL.items()}
+    shown = [COLUMNS.index(name) if short != EPSILON else len(COLUMNS) for name, short in terminal.items()]
+    terminal_rows = [[_terse(COLUMNS[i] if i < len(COLUMNS) else EPSILON, row[i]) for i in shown]
+                     for row in table["rows"]]
     partial = any(isinstance(cell, str) and _SEEDS_NOTE.search(cell) for row in table["rows"] for cell in row)
     seeds_note = ", (k/n) = k of n seeds reach it" if partial else ""
     print_table(f"{title}: {metric} (mean ± std over seeds{seeds_note}; all columns in comparison.md)",
-                [TERMINAL[name].format(m=metric, p=table["percent"]) for name in TERMINAL], terminal_rows,
+                [short.format(m=metric, p=table["percent"]) for short in terminal.values()], terminal_rows,
                 width=120, compact=True)
     startup = sum(float(s.get("startup_s", 0.0)) for s in summaries)
     note = (f"\nStart-up of the simulated SuperNodes (for Flower: Ray actors loading the ClientApp), paid once per simulation "

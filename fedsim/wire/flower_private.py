@@ -23,7 +23,22 @@ from flwr.common.constant import (
     ErrorCode,
     SType,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as _SECAGG_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE as _SECAGG_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import Key as _SecAggKey
+from flwr.common.secure_aggregation.secaggplus_constants import Stage as _SecAggStage
+from flwr.compat.common.recorddict_compat import (
+    fitins_to_recorddict,
+    fitres_to_recorddict,
+    recorddict_to_fitins,
+    recorddict_to_fitres,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD as WORKFLOW_CONFIGS_RECORD
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD as WORKFLOW_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as _WorkflowKey
 from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -31,7 +46,14 @@ __all__ = [
     "Run", "SUPERLINK_NODE_ID", "PARTITION_ID_KEY", "NUM_PARTITIONS_KEY", "CLIENT_APP_RAISED_EXCEPTION",
     "NODE_UNAVAILABLE", "make_run", "task_identity", "set_message_id", "clone_message", "check_private_api",
     "FLOWER_VERSION_TESTED", "run_flower_simulation", "copy_array", "make_array",
-    "array_record_of",
+    "array_record_of", "KEY_CLIPPING_NORM",
+]
+
+__all__ += [  # SecAgg+ (fedsim.engines.federated.secagg)
+    "SECAGG_CONFIGS_RECORD", "SECAGG_STATE_RECORD", "SECAGG_STAGE_KEY", "SECAGG_STAGES", "SECAGG_SETUP",
+    "SECAGG_COLLECT_MASKED_VECTORS", "SECAGG_UNMASK", "SECAGG_STATE_FIELDS", "WORKFLOW_CONFIGS_RECORD",
+    "WORKFLOW_PARAMS_RECORD", "WORKFLOW_ROUND_KEY", "ClientProxy", "fitins_to_recorddict", "recorddict_to_fitins",
+    "fitres_to_recorddict", "recorddict_to_fitres",
 ]
 
 FLOWER_VERSION_TESTED = "1.42.0"
@@ -39,6 +61,27 @@ FLOWER_VERSION_TESTED = "1.42.0"
 
 CLIENT_APP_RAISED_EXCEPTION: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 NODE_UNAVAILABLE: int = ErrorCode.NODE_UNAVAILABLE
+
+# ---- SecAgg+ (fedsim.engines.federated.secagg) ----------------------------------------------------------
+# Flower 1.42 exports ``SecAggPlusWorkflow``, ``secaggplus_mod`` and ``LegacyContext``, but not the record
+# names of the protocol's messages, the converters to and from the legacy ``FitIns``/``FitRes`` layout
+# (``fitins.*``/``fitres.*``) the mod reads and writes, ``ClientProxy`` (what legacy ``configure_fit``
+# returns), nor the records the workflow reads the round and the parameters from.
+SECAGG_CONFIGS_RECORD: str = _SECAGG_CONFIGS
+"""The ConfigRecord every SecAgg+ message and reply carries (``secaggplus_configs``)."""
+SECAGG_STATE_RECORD: str = _SECAGG_STATE
+"""The ConfigRecord of the client's ``Context.state`` where ``secaggplus_mod`` keeps its keys between stages."""
+SECAGG_STAGE_KEY: str = _SecAggKey.STAGE
+SECAGG_STAGES: tuple[str, ...] = tuple(_SecAggStage.all())
+SECAGG_SETUP: str = _SecAggStage.SETUP
+SECAGG_COLLECT_MASKED_VECTORS: str = _SecAggStage.COLLECT_MASKED_VECTORS
+"""The stage in which the mod calls the ClientApp (training) and uploads the masked vector."""
+SECAGG_UNMASK: str = _SecAggStage.UNMASK
+SECAGG_STATE_FIELDS = ("max_weight", "clipping_range")
+"""Fields of the mod's stored state (``SecAggPlusState``) that fedsim's client reads (to warn before clipping)."""
+WORKFLOW_ROUND_KEY: str = _WorkflowKey.CURRENT_ROUND
+"""The workflow reads the round from ``context.state[WORKFLOW_CONFIGS_RECORD][WORKFLOW_ROUND_KEY]`` and the
+global parameters from ``context.state[WORKFLOW_PARAMS_RECORD]``."""
 
 
 def make_run(run_id: int, override_config: dict[str, Any] | None = None, task_id: int = 1) -> Run:
@@ -175,4 +218,35 @@ def check_private_api() -> None:
     assert dict(record) == {"w": made} and record.is_dirty and isinstance(record, ArrayRecord)
     record["v"] = copied  # still a working record after the bypass
     assert list(record.keys()) == ["w", "v"]
+    assert KEY_CLIPPING_NORM == "clipping_norm"  # the config key Flower's client-side DP wrapper writes
+    _check_secagg_names()
     assert flwr.__version__, "flwr has no version"
+
+
+def _check_secagg_names() -> None:
+    """The SecAgg+ names: the stage key and order the workflow and the mod agree on, the mod's state fields,
+    what the workflow reads and calls, and the legacy layout's round trip."""
+    import dataclasses
+    import inspect
+
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common import Code, FitIns, FitRes, Parameters, Status
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    assert (SECAGG_CONFIGS_RECORD, SECAGG_STATE_RECORD, SECAGG_STAGE_KEY) == (
+        "secaggplus_configs", "secaggplus_state", "stage")
+    assert SECAGG_STAGES == (SECAGG_SETUP, "share_keys", SECAGG_COLLECT_MASKED_VECTORS, SECAGG_UNMASK)
+    assert {f.name for f in dataclasses.fields(SecAggPlusState)} >= {"current_stage", *SECAGG_STATE_FIELDS}
+    assert SecAggPlusState().current_stage == SECAGG_UNMASK  # no stored state = the state after a completed round
+    workflow = inspect.getsource(SecAggPlusWorkflow)
+    for used in ("MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "WorkflowKey.CURRENT_ROUND", "random.shuffle",
+                 "context.strategy.configure_fit", "context.strategy.aggregate_fit", "fitres.parameters = parameters"):
+        assert used in workflow, f"SecAggPlusWorkflow no longer uses {used}"
+    assert (WORKFLOW_CONFIGS_RECORD, WORKFLOW_PARAMS_RECORD, WORKFLOW_ROUND_KEY) == (
+        "config", "parameters", "current_round")
+    params = Parameters(tensors=[b"ab", b"cd"], tensor_type="numpy.ndarray")
+    ins = recorddict_to_fitins(fitins_to_recorddict(FitIns(params, {"x": 1}), True), True)
+    assert ins.parameters.tensors == [b"ab", b"cd"] and ins.config == {"x": 1}
+    res = recorddict_to_fitres(fitres_to_recorddict(FitRes(Status(Code.OK, ""), params, 7, {"m": 0.5}), True), True)
+    assert (res.parameters.tensors, res.num_examples, res.metrics) == ([b"ab", b"cd"], 7, {"m": 0.5})
+    assert "node_id" in ClientProxy.__annotations__

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 from torch.utils.data import Subset
@@ -67,11 +68,14 @@ from fedsim.engines.federated.rounds import (
     num_sampled,
     run_json,
 )
+from fedsim.engines.federated.secagg import secagg_client_mod
 from fedsim.errors import FedsimError
+from fedsim.privacy import dp_fedavg
 from fedsim.results import RunDir, make_summary
 from fedsim.tasks import Batch, Task, TaskContext, model_device
 from fedsim.train import TrainState, build_schedulers, derive_seed, fit, make_loader
 from fedsim.wire.array_codec import record_to_numpy, record_to_tensors, tensors_to_record
+from fedsim.wire.flower_private import KEY_CLIPPING_NORM
 from strategies import (
     StrategyContext,
     get_strategy_state,
@@ -297,7 +301,19 @@ def _counted(batches: Any, counter: list[int]) -> Iterator[Batch]:
         yield batch
 
 
-clientapp = ClientApp()
+def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``fixedclipping_mod`` for training messages of client-side DP runs (their config carries the
+    clipping norm, written by ``DifferentialPrivacyClientSideFixedClipping``); every other message passes
+    through untouched."""
+    config = msg.content["config"] if "config" in msg.content else {}
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+# SecAgg+ outermost: its layout adapter hands the DP clipping mod and train fedsim's own layout; both mods pass
+# every other message through untouched.
+clientapp = ClientApp(mods=[secagg_client_mod, dp_clipping_mod])
 
 
 @clientapp.query()
@@ -541,13 +557,19 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
         with torch.no_grad():
             return {k: float(v) for k, v in task.evaluate(model, split.test, run.train.eval_batch_size).items()}
 
-    loop = RoundLoop(strategy, fed.num_clients, k, run.train.seed, run_json(to_dict(run)), evaluate,
+    # User-level DP: the strategy behind Flower's DP wrapper; sigma resolved from a target epsilon now.
+    ledger = dp_fedavg.PrivacyLedger.resolve(fed.dp, fed.num_clients, k, fed.rounds) if fed.dp.enabled else None
+    private = dp_fedavg.make_private(strategy, fed.dp, k, ledger.noise_multiplier, run.train.seed) if ledger else None
+    loop = RoundLoop(private or strategy, fed.num_clients, k, run.train.seed, run_json(to_dict(run)), evaluate,
                      fed.dropout_fraction, fed.straggler_fraction, timeout=fed.reply_timeout_s,
                      straggler_work=fed.straggler_work, local_epochs=fed.local_epochs, local_steps=fed.local_steps,
-                     uses_client_state=uses_client_state(strategy), clock=clock_setup(run))
+                     uses_client_state=uses_client_state(strategy), clock=clock_setup(run),
+                     secure_aggregation=fed.secure_aggregation)
     server = BufferedServer(loop, concurrency=k) if fed.system.server == "fedbuff" else None
     if job.resume and out.checkpoint_path.exists():
         progress = _restore(job, strategy, loop, server)
+        if private is not None and progress.history[-1].get("dp_clipping_norm"):  # adaptive clipping's bound
+            private.wrapper.clipping_norm = float(progress.history[-1]["dp_clipping_norm"])  # type: ignore[attr-defined]
     else:
         # Straight into progress: a local name would keep the initial arrays alive for the whole run.
         progress = _Progress(tensors_to_record(model.state_dict()), [])
@@ -563,6 +585,7 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
     for server_round in range(progress.round + 1, fed.rounds + 1):
         # A marker fault tests (and operators) can wait on: the round's messages go out next.
         atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
+        bound_before = private.clipping_norm if private is not None else 0.0
         result = (server.step(grid, server_round, progress.arrays) if server is not None
                   else loop.round(grid, server_round, progress.arrays))
         every = fed.evaluate_clients_every
@@ -570,6 +593,8 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
             cohort = evaluation_cohort(run.train.seed, server_round, fed.num_clients, fed.evaluate_clients)
             result.record.update(client_distribution(loop.evaluate_clients(grid, result.arrays, server_round, cohort),
                                                      task.primary_metric, task.primary_metric not in task.lower_is_better))
+        if ledger is not None and private is not None:
+            ledger.record(result.record, progress.history, private, bound_before)
         progress.arrays, progress.round = result.arrays, server_round
         progress.history.append(result.record)
         out.log(result.record)
@@ -591,10 +616,15 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
                                                              fed.rounds + 2))
     else:
         metrics.update(task.final_metrics(model, split, context=task_context(out, torch.device("cpu"))))
+    privacy: dict[str, Any] = {}
+    if ledger is not None:
+        dp_metrics, privacy = ledger.summary(progress.history)
+        metrics.update(dp_metrics)
     summary = make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={
         "rounds": fed.rounds, "history": progress.history, "engine": fed.engine, "clients_per_round": k,
         "resumed": progress.resumed,
         "startup_s": job.extras.get("startup_s", 0.0),
+        **({"privacy": privacy} if privacy else {}),
     })
     out.write_summary(summary)
     if run.train.progress:

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.config import SystemConfig, over_selected
+from fedsim.engines.federated import secagg
 from fedsim.engines.federated.clock import RoundPlan, message_array_bytes, plan_round, sample_available
 from fedsim.engines.federated.devices import Devices
 from fedsim.errors import FedsimError, RunFailedError
@@ -360,6 +361,8 @@ class RoundLoop:
     totals: dict[str, float] = field(default_factory=lambda: {"bytes": 0.0, "samples": 0.0, "sim_time_s": 0.0})
     clock: ClockSetup | None = None
     """The virtual clock (None: rounds are not timed; fedsim's server always sets one)."""
+    secure_aggregation: bool = False
+    """Training rounds go through Flower's SecAgg+ (:mod:`fedsim.engines.federated.secagg`)."""
 
     def connect(self, grid: Grid) -> None:
         """Learn which node holds which partition (before the first round)."""
@@ -434,7 +437,12 @@ class RoundLoop:
         bytes_down = sum(payload_bytes(m.content) for m in messages)
         if plan is not None:  # late clients downloaded the model too (they were not sent it only to save time here)
             bytes_down += sum(message_array_bytes(configured[p].content, skip=(CLIENT_STATE_KEY,)) for p in plan.late)
-        replies = self._by_partition(messages, grid.send_and_receive(messages, timeout=self.timeout))
+        if self.secure_aggregation:  # SecAgg+: stand-in replies carrying the unmasked mean (secagg.py)
+            replies = secagg.secure_round(grid, messages, server_round, self._partition_of, self.strategy,
+                                          timeout=self.timeout, late=discarded,
+                                          n_train=self.clock.n_train if self.clock is not None else None)
+        else:
+            replies = self._by_partition(messages, grid.send_and_receive(messages, timeout=self.timeout))
         ordered, failed, errors = [], [], {}
         bytes_up, samples = 0, 0
         for partition_id in sorted(self._partition_of(m.metadata.dst_node_id) for m in messages):

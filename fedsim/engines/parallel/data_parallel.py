@@ -9,6 +9,10 @@ ranks' k-th batches together are exactly the central run's k-th batch of ``world
 samples; with a batch-mean loss, DDP's gradient average then equals the large-batch gradient.
 The shared loop :func:`fedsim.train.fit` runs unchanged on the wrapped model. Only rank 0 logs,
 writes results and checkpoints; the other ranks receive rank 0's checkpoint on resume.
+
+With ``train.dp`` (DP-SGD, :mod:`fedsim.privacy.dpsgd`) Opacus' ``DPDDP`` replaces DDP: each rank
+Poisson-samples its share of the data, clips per sample, rank 0 adds the noise and the optimizer
+all-reduces; the accountant's history travels in the checkpoint.
 """
 
 from __future__ import annotations
@@ -150,9 +154,12 @@ class TorchrunSink:
 
 # ---- the training function (torchrun workers and Ray Train workers) ----------------------------
 def summarise(run: RunConfig, task: Task, split: DatasetSplit, model: nn.Module, history: list[dict[str, Any]],
-              *, started: float, extra: dict[str, Any], context: TaskContext) -> dict[str, Any]:
-    """The summary of a finished run, as the central engine writes it (rank 0 / the Ray driver)."""
+              *, started: float, extra: dict[str, Any], context: TaskContext,
+              private_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of a finished run, as the central engine writes it (rank 0 / the Ray driver);
+    ``private_metrics`` (DP-SGD's ``dp_epsilon``, ``dp_delta``) join the final metrics."""
     metrics = final_run_metrics(task, model, split, run, history, context=context)
+    metrics.update(private_metrics or {})
     return make_summary(run, metrics, primary_metric=task.primary_metric, started=started, extra={"history": history, **extra})
 
 
@@ -264,10 +271,21 @@ def train_data_parallel(run: RunConfig, env: DistEnv, sink: EpochSink, *, launch
 
     writes = env.is_rank0 and isinstance(sink, TorchrunSink)
     context = task_context(sink.out if writes else None, env.device, rank=rank, world_size=world)
-    state.model = wrap_ddp(module, env, sync_bn=run.ddp.sync_bn)
-    module = state.model.module  # the BatchNorm-converted plain module (same parameters)
+    private = None
+    if train_cfg.dp.enabled:  # DP-SGD: Opacus' DPDDP, GradSampleModule and DistributedDPOptimizer
+        from fedsim.privacy.dpsgd import make_private
+
+        private = make_private(run, task, state, split.train, device=env.device, rank=rank, world_size=world,
+                               distributed=True)
+        if checkpoint is not None:
+            private.restore(checkpoint)
+    else:
+        state.model = wrap_ddp(module, env, sync_bn=run.ddp.sync_bn)
+        module = state.model.module  # the BatchNorm-converted plain module (same parameters)
 
     def batches_for_epoch(epoch: int) -> Any:
+        if private is not None:
+            return private.batches_for_epoch(epoch)
         shard = rank_shard(n, world, rank, train_cfg.seed, epoch, train_cfg.shuffle)
         return make_loader(split.train, train_cfg.batch_size, train_cfg.seed, epoch, shuffle=False, indices=shard)
 
@@ -278,6 +296,8 @@ def train_data_parallel(run: RunConfig, env: DistEnv, sink: EpochSink, *, launch
     def on_epoch_end(state_now: Any, record: dict[str, Any]) -> None:
         train_keys = sorted(k for k in record if k.startswith("train_"))
         record.update(all_reduce_mean({k: record[k] for k in train_keys}, env.device))
+        if private is not None:
+            record.update(private.epoch_metrics())
         if not parameters_in_sync(module):
             raise FedsimError(f"task '{run.task}': parameters differ across ranks after epoch {record['epoch']}; "
                               "its train step must run the model through model(...) so that DDP averages "
@@ -291,10 +311,12 @@ def train_data_parallel(run: RunConfig, env: DistEnv, sink: EpochSink, *, launch
             ckpt = make_checkpoint(
                 "ddp", module.state_dict(), state_now.optimizer_states(), state_now.scheduler_states(),
                 epoch=state_now.epoch, step=state_now.step, rng=rngs[0] if rngs else None,
-                engine_state={"history": history, "rank_rng": rngs, "world_size": world})
+                engine_state={"history": history, "rank_rng": rngs, "world_size": world,
+                              **({"dp": private.state_dict()} if private is not None else {})})
         sink.end_epoch(dict(record), ckpt)
 
     fit(task, state, train_cfg, batches_for_epoch, context=context, evaluate=evaluate, on_epoch_end=on_epoch_end,
+        step_fn=private.step_fn(task, state) if private is not None else None,
         on_step=_fault_injector(run, env, resumed=checkpoint is not None,
                                 before_marker=getattr(sink, "before_fault", None)),
         show_progress=train_cfg.progress and env.is_rank0 and launcher == "torchrun",
@@ -305,7 +327,10 @@ def train_data_parallel(run: RunConfig, env: DistEnv, sink: EpochSink, *, launch
     extra = {"epochs": state.epoch, "steps": state.step, "world_size": world, "backend": env.backend,
              "global_batch_size": world * train_cfg.batch_size, "launcher": launcher,
              "restart_count": env.restart_count, "resumed_from_epoch": checkpoint["epoch"] if checkpoint else None}
-    summary = summarise(run, task, split, module, history, started=started, extra=extra, context=context)
+    if private is not None:
+        extra["privacy"] = private.privacy_record()
+    summary = summarise(run, task, split, module, history, started=started, extra=extra, context=context,
+                        private_metrics=private.summary_metrics() if private is not None else None)
     sink.finish(summary)
     summary["model"] = module  # in-memory only, as the central engine
     return summary

@@ -225,10 +225,13 @@ def fedsim_batch_handler(messages: list[Any], contexts: list[Any]) -> list[Any] 
     )
     from fedsim.train import derive_seed, make_loader
     from fedsim.wire.array_codec import record_to_tensors, tensors_to_record
+    from fedsim.wire.flower_private import KEY_CLIPPING_NORM
 
-    if any(m.metadata.message_type != "train" for m in messages):
-        return None
+    if any(m.metadata.message_type != "train" or "config" not in m.content for m in messages):
+        return None  # SecAgg+ stages carry their own records: the ClientApp (and its mods) handles them
     configs = [m.content["config"] for m in messages]
+    if any(KEY_CLIPPING_NORM in c for c in configs):
+        return None  # client-side DP clipping is a ClientApp mod: batched clients would skip it
     if any(c.get(FAIL_KEY, False) for c in configs) or any(CLIENT_STATE_KEY in m.content for m in messages):
         return None
     if len({str(c[RUN_KEY]) for c in configs}) != 1:
