@@ -90,6 +90,11 @@ def validate_run(run: RunConfig, seeds: Sequence[int] = (), load: DataLoader | N
             check_dpsgd(run, task, build_model(task, split, run, torch.device("cpu")), population=len(split.train))
         except ConfigError as exc:
             raise err(exc.key, exc.value, exc.reason) from exc
+        except UnsupportedError as exc:  # a model Opacus cannot train: named on the key that asked for DP
+            dp = run.train.dp
+            key, value = ("train.dp.epsilon", dp.epsilon) if dp.epsilon is not None else \
+                ("train.dp.noise_multiplier", dp.noise_multiplier)
+            raise err(key, value, str(exc)) from exc
     if run.mode not in _DATA_MODES:
         return run
     task, split = (load or _load)(run)
