@@ -147,8 +147,12 @@ class PrivateStrategy(Strategy):
         for reply in replies:  # equal weights on the server's copy: the clients still report their counts
             if not reply.has_error():
                 next(iter(reply.content.metric_records.values()))[UNIFORM_KEY] = 1
-        np.random.seed(derive_seed(self.seed, "dp-noise", server_round) % 2**32)  # Flower's noise draws
-        mean, metrics = self.wrapper.aggregate_train(server_round, replies)
+        saved = np.random.get_state()  # Flower draws the noise from numpy's global generator: key it, then restore
+        np.random.seed(derive_seed(self.seed, "dp-noise", server_round) % 2**32)
+        try:
+            mean, metrics = self.wrapper.aggregate_train(server_round, replies)
+        finally:
+            np.random.set_state(saved)
         if mean is None or type(self.strategy).__name__ in ("FedAvg", "FedProx"):
             return mean, metrics
         # The server step of FedAvgM / FedAdam / FedYogi / FedAdagrad on the noised mean (post-processing).
