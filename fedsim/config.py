@@ -628,6 +628,10 @@ _FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
     "federated.system.deadline_s": (0.0, _CLOSED, math.inf, _OPEN),
     "federated.system.staleness_exponent": (0.0, _CLOSED, math.inf, _OPEN),
     "federated.system.server_learning_rate": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.dp.clipping_norm": (0.0, _OPEN, math.inf, _OPEN),
+    "federated.dp.target_quantile": (0.0, _CLOSED, 1.0, _CLOSED),
+    "federated.dp.clip_learning_rate": (0.0, _OPEN, math.inf, _OPEN),
+    "train.dp.max_grad_norm": (0.0, _OPEN, math.inf, _OPEN),
     "parameter_server.cpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
     "parameter_server.gpus_per_worker": (0.0, _CLOSED, math.inf, _OPEN),
     "parameter_server.alpha": (0.0, _OPEN, math.inf, _OPEN),
@@ -835,8 +839,6 @@ def _privacy_budget_violations(prefix: str, epsilon: float | None, delta: float 
 def _dp_violations(run: RunConfig) -> Iterator[Violation]:
     dp = run.train.dp
     yield from _privacy_budget_violations("train.dp", dp.epsilon, dp.delta, dp.noise_multiplier)
-    if _out_of_range(dp.max_grad_norm, 0.0, _OPEN, math.inf, _OPEN):
-        yield "train.dp.max_grad_norm", dp.max_grad_norm, "must be a finite number > 0"
     if dp.enabled and run.mode not in ("central", "ddp"):
         yield ("train.dp.epsilon" if dp.epsilon is not None else "train.dp.noise_multiplier",
                dp.epsilon if dp.epsilon is not None else dp.noise_multiplier,
@@ -844,12 +846,6 @@ def _dp_violations(run: RunConfig) -> Iterator[Violation]:
                + (" (federated runs: federated.dp)" if run.mode == "federated" else ""))
     fed, fdp = run.federated, run.federated.dp
     yield from _privacy_budget_violations("federated.dp", fdp.epsilon, fdp.delta, fdp.noise_multiplier)
-    for key, value, low, low_in, high, high_in in (
-            ("clipping_norm", fdp.clipping_norm, 0.0, _OPEN, math.inf, _OPEN),
-            ("target_quantile", fdp.target_quantile, 0.0, _CLOSED, 1.0, _CLOSED),
-            ("clip_learning_rate", fdp.clip_learning_rate, 0.0, _OPEN, math.inf, _OPEN)):
-        if _out_of_range(value, low, low_in, high, high_in):
-            yield f"federated.dp.{key}", value, f"must be {_interval(low, low_in, high, high_in)}"
     if fdp.clipped_count_stddev is not None and _out_of_range(fdp.clipped_count_stddev, 0.0, _OPEN, math.inf, _OPEN):
         yield "federated.dp.clipped_count_stddev", fdp.clipped_count_stddev, "must be a finite number > 0"
     elif fdp.clipping == "adaptive" and fdp.noise_multiplier is not None:

@@ -259,10 +259,11 @@ def _federated(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors) ->
         population: Any = client_population(run, task, split)
     except FedsimError:
         population = None  # the partitioner's error, raised below on the key it is about
-    if population is None or hasattr(population, "sizes"):  # generated clients have samples by construction
-        _every_part_trains("federated", "federated.num_clients", "client", run, len(split.train),  # type: ignore[arg-type]
-                           lambda: client_population(run, task, split).sizes(), err)
     sizes = population.sizes() if hasattr(population, "sizes") else None
+    if population is None or sizes is not None:  # generated clients have samples by construction
+        _every_part_trains("federated", "federated.num_clients", "client", run, len(split.train),  # type: ignore[arg-type]
+                           lambda: sizes if population is not None else client_population(run, task, split).sizes(),
+                           err)
     _system(run, task, split, population, sizes, err)
     if run.federated.dp.enabled:
         _user_level_dp(run, task, split, err)
@@ -296,14 +297,13 @@ def _user_level_dp(run: RunConfig, task: Task, split: DatasetSplit, err: _Errors
 def _train_sizes(run: RunConfig, population: Any, sizes: np.ndarray | None) -> np.ndarray:
     """Every client's training samples, as :func:`fedsim.data.partition.split_holdout` leaves them (1 for
     generated clients: a lower bound)."""
+    from fedsim.data.partition import held_out_count
+
     if sizes is None:
         return np.ones(run.federated.num_clients, dtype=np.int64)
     n = np.asarray(sizes, dtype=np.int64)
     fraction = 0.0 if getattr(population, "natural", False) else run.federated.client_test_fraction
-    if fraction == 0.0:
-        return n
-    held = np.minimum(n - 1, np.maximum(1, np.rint(fraction * n).astype(np.int64)))
-    return n - np.where(n < 2, 0, held)
+    return n - held_out_count(n, fraction)
 
 
 def _system(run: RunConfig, task: Task, split: DatasetSplit, population: Any, sizes: np.ndarray | None,
@@ -311,6 +311,7 @@ def _system(run: RunConfig, task: Task, split: DatasetSplit, population: Any, si
     """The traces (their own file, line and value on error) and the deadline: the fastest client of the
     population must be able to download the model, train its least work and upload the reply in time."""
     from fedsim.engines.common import build_model
+    from fedsim.engines.federated.clock import work_samples
     from fedsim.engines.federated.devices import Devices
     from fedsim.wire.array_codec import npy_size
 
@@ -323,12 +324,7 @@ def _system(run: RunConfig, task: Task, split: DatasetSplit, population: Any, si
     compute, down, up = devices.profiles(np.arange(fed.num_clients))
     n = _train_sizes(run, population, sizes)
     units = 1 if system.late_work == "partial" else (fed.local_steps or fed.local_epochs)
-    if fed.local_steps > 0:
-        per_epoch = np.maximum(1, -(-n // run.train.batch_size))
-        full, rest = np.divmod(units, per_epoch)
-        samples = full * n + np.minimum(rest * run.train.batch_size, n)
-    else:
-        samples = units * n
+    samples = work_samples(n, run.train.batch_size, units, fed.local_steps > 0)
     times = size * 8 / (down * 1e6) + samples / compute + size * 8 / (up * 1e6)
     fastest = int(np.argmin(times))
     if times[fastest] > system.deadline_s:

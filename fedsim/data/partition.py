@@ -31,6 +31,7 @@ from fedsim.errors import FedsimError
 Partition = list[np.ndarray]
 
 __all__ = [
+    "held_out_count",
     "LAZY_PARTITIONERS",
     "PARTITIONERS",
     "LazyPartition",
@@ -386,6 +387,16 @@ def label_skew(labels: Sequence[int] | np.ndarray, parts: Partition) -> float:
     return float(0.5 * np.abs(client_dist - global_dist).sum(1).mean())
 
 
+def held_out_count(sizes: Any, fraction: float) -> Any:
+    """How many of a client's ``sizes`` samples :func:`split_holdout` holds out: ``round(fraction * n)``, at
+    least one when ``fraction > 0`` and at most ``n - 1``, none for clients of fewer than 2 samples. Works on
+    one size or an array of them (validation sizes a whole population at once)."""
+    n = np.asarray(sizes, dtype=np.int64)
+    if fraction == 0.0:
+        return np.zeros_like(n)
+    return np.where(n < 2, 0, np.minimum(n - 1, np.maximum(1, np.rint(fraction * n).astype(np.int64))))
+
+
 def split_holdout(indices: np.ndarray, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A client's (train, held-out) indices: a seeded ``fraction`` of its samples kept for local testing.
 
@@ -394,7 +405,7 @@ def split_holdout(indices: np.ndarray, fraction: float, seed: int, partition_id:
     if not 0.0 <= fraction < 1.0:
         raise FedsimError(f"federated.client_test_fraction must be in [0, 1), got {fraction}")
     n = len(indices)
-    n_out = 0 if fraction == 0.0 or n < 2 else min(n - 1, max(1, int(round(fraction * n))))
+    n_out = int(held_out_count(n, fraction))
     order = _rng(seed, "holdout", partition_id).permutation(n)
     held = np.sort(indices[order[:n_out]])
     kept = np.sort(indices[order[n_out:]])

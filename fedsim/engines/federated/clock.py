@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -37,7 +38,7 @@ from fedsim.errors import RunFailedError
 from fedsim.seeding import derive_seed
 from fedsim.wire.array_codec import array_wire_bytes
 
-__all__ = ["ClientTime", "RoundPlan", "client_time", "planned_samples", "plan_round", "sample_available",
+__all__ = ["ClientTime", "RoundPlan", "client_time", "planned_samples", "work_samples", "plan_round", "sample_available",
            "record_bytes", "message_array_bytes", "units_within"]
 
 MEGABIT = 1e6
@@ -54,15 +55,25 @@ def message_array_bytes(content: RecordDict, skip: Sequence[str] = ()) -> int:
                if isinstance(record, ArrayRecord) and key not in skip)
 
 
-def planned_samples(n_train: int, batch_size: int, epochs: int = 1, steps: int = 0) -> int:
+def planned_samples(n_train: Any, batch_size: int, epochs: int = 1, steps: int = 0) -> Any:
     """Samples a client with ``n_train`` training samples processes: ``epochs`` passes, or ``steps``
     batches of ``batch_size`` cycling through its epochs (each epoch's last batch holds the remainder),
-    as the ClientApp's loader yields them."""
+    as the ClientApp's loader yields them. ``n_train`` may be an array of client sizes (validation prices a
+    whole population at once); an integer gives an integer."""
     if steps <= 0:
-        return int(epochs) * int(n_train)
-    per_epoch = max(1, math.ceil(n_train / batch_size))
-    full, rest = divmod(int(steps), per_epoch)
-    return full * int(n_train) + min(rest * batch_size, int(n_train))
+        total = int(epochs) * np.asarray(n_train, dtype=np.int64)
+    else:
+        n = np.asarray(n_train, dtype=np.int64)
+        per_epoch = np.maximum(1, -(-n // batch_size))
+        full, rest = np.divmod(int(steps), per_epoch)
+        total = full * n + np.minimum(rest * batch_size, n)
+    return int(total) if total.ndim == 0 else total
+
+
+def work_samples(n_train: Any, batch_size: int, units: int, by_steps: bool) -> Any:
+    """:func:`planned_samples` of ``units`` local steps (``by_steps``) or local epochs."""
+    return planned_samples(n_train, batch_size, steps=units) if by_steps else \
+        planned_samples(n_train, batch_size, epochs=units)
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,8 @@ class RoundPlan:
     partial: dict[int, int] = field(default_factory=dict)
     """Late clients doing the partial work that fits before the deadline: partition -> local epochs (steps)."""
     round_s: float = 0.0
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    """Every sampled client's download (array bytes), sent the round or not."""
 
     @property
     def end_s(self) -> float:
@@ -158,8 +171,7 @@ def plan_round(*, start_s: float, sampled: Sequence[int], devices: Devices, byte
     partial: dict[int, int] = {}
 
     def timed(p: int, work: int) -> ClientTime:
-        samples = planned_samples(n_train[p], batch_size, steps=work) if by_steps else \
-            planned_samples(n_train[p], batch_size, epochs=work)
+        samples = work_samples(n_train[p], batch_size, work, by_steps)
         return client_time(p, bytes_down[p], bytes_up[p], samples, work, devices.profile(p))
 
     arriving: list[ClientTime] = []
@@ -198,7 +210,8 @@ def plan_round(*, start_s: float, sampled: Sequence[int], devices: Devices, byte
     aggregated = sorted(t.partition for t in on_time)
     send = sorted(set(aggregated) | (failing & set(sampled)) | (ignored & set(sampled)))
     return RoundPlan(float(start_s), list(sampled), times, send, aggregated, sorted(late), sorted(offline),
-                     {p: w for p, w in partial.items() if p in aggregated}, float(round_s))
+                     {p: w for p, w in partial.items() if p in aggregated}, float(round_s),
+                     {p: int(bytes_down[p]) for p in sampled})
 
 
 def sample_available(seed: int, server_round: int, num_clients: int, count: int, devices: Devices,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedsim.engines.federated.clock import client_time, planned_samples, record_bytes, sample_available
+from fedsim.engines.federated.clock import client_time, record_bytes, sample_available, work_samples
 from fedsim.engines.federated.rounds import (
     NO_REPLY,
     RoundLoop,
@@ -84,9 +84,7 @@ class BufferedServer:
         assert clock is not None
         size = record_bytes(self.bases[self.version])
         full = self.loop.local_steps if self.loop.local_steps > 0 else self.loop.local_epochs
-        n = clock.n_train(partition)
-        samples = planned_samples(n, clock.batch_size, steps=full) if self.loop.local_steps > 0 else \
-            planned_samples(n, clock.batch_size, epochs=full)
+        samples = work_samples(clock.n_train(partition), clock.batch_size, full, self.loop.local_steps > 0)
         arrives = at_s + client_time(partition, size, size, samples, full, clock.devices.profile(partition)).total_s
         lost = False
         if not clock.devices.always_available:

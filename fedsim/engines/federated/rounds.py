@@ -43,6 +43,7 @@ from fedsim.config import SystemConfig, over_selected
 from fedsim.engines.federated import secagg
 from fedsim.engines.federated.clock import RoundPlan, message_array_bytes, plan_round, sample_available
 from fedsim.engines.federated.devices import Devices
+from fedsim.engines.federated.grid_view import SampledGrid
 from fedsim.errors import FedsimError, RunFailedError
 from fedsim.train import derive_seed
 
@@ -111,41 +112,6 @@ def partial_work(seed: int, server_round: int, partition_id: int, full: int) -> 
     keyed by (seed, round, partition) only (FedProx: "a random number of local epochs between 1 and E")."""
     rng = np.random.default_rng(derive_seed(seed, "partial-work", server_round, partition_id))
     return int(rng.integers(1, max(int(full), 1) + 1))
-
-
-# ---- a grid view holding only the sampled nodes ---------------------------------------------------
-class SampledGrid(Grid):
-    """The real grid, except that ``get_node_ids`` lists only this round's sampled nodes.
-
-    Built with ``fraction_train = 1``, a Flower strategy then addresses exactly those nodes.
-    """
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
-        self._node_ids = list(node_ids)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def discover_partitions(grid: Grid, num_clients: int, timeout: float = 300.0) -> dict[int, int]:
@@ -436,7 +402,7 @@ class RoundLoop:
                     for p in (plan.send if plan else sorted(configured))]
         bytes_down = sum(payload_bytes(m.content) for m in messages)
         if plan is not None:  # late clients downloaded the model too (they were not sent it only to save time here)
-            bytes_down += sum(message_array_bytes(configured[p].content, skip=(CLIENT_STATE_KEY,)) for p in plan.late)
+            bytes_down += sum(plan.bytes_down[p] for p in plan.late)
         if self.secure_aggregation:  # SecAgg+: stand-in replies carrying the unmasked mean (secagg.py)
             replies = secagg.secure_round(grid, messages, server_round, self._partition_of, self.strategy,
                                           timeout=self.timeout, late=discarded,

@@ -76,6 +76,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fedsim.engines.federated.grid_view import SampledGrid
 from fedsim.errors import FedsimError, RunFailedError
 from fedsim.wire import flower_private as fp
 from fedsim.wire.array_codec import arrays_to_record, record_to_numpy
@@ -159,12 +160,13 @@ class _FitAdapter(LegacyStrategy):
         return None
 
 
-class _StageGrid(Grid):
-    """The real grid as the workflow sees it: records each stage's error replies and masked-vector replies by
-    node, and holds back the masked vectors of the clients whose replies come too late."""
+class _StageGrid(SampledGrid):
+    """The real grid as the workflow sees it (only the round's nodes): records each stage's error replies and
+    masked-vector replies by node, and holds back the masked vectors of the clients whose replies come too
+    late."""
 
     def __init__(self, grid: Grid, nodes: Iterable[int], late: Iterable[int]) -> None:
-        self._grid = grid
+        super().__init__(grid, sorted(set(nodes)))
         self.nodes, self.late = set(nodes), set(late)
         self.stage = ""
         self.active: dict[str, int] = {}
@@ -175,26 +177,6 @@ class _StageGrid(Grid):
         """Node -> its collect-masked-vectors reply (the workflow summed it)."""
         self.withheld: dict[int, Message] = {}
         """Node -> its collect-masked-vectors reply, held back as too late."""
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
