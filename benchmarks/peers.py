@@ -2,8 +2,11 @@
 
 Engines (each run a fresh child process, watched by ``federated_engines.TreeRSS``):
   bare          plain PyTorch FedAvg loop, the reference (fedsim's venv);
+  direct        the Flower app below with no engine: its ServerApp calls the ClientApp directly
+                (peers_engines/direct_floor.py), the floor for running that app unchanged;
   fedsim_local  a plain Flower app (peers_engines/flower_app: stock ``flwr.serverapp.strategy.FedAvg``)
                 run by fedsim's in-process local engine (``fedsim flower-run --engine local``);
+  fedsim_pool   the same with 2 worker processes (``--workers 2``: clients in parallel, replies in order);
   flower        the same app on Flower's ``run_simulation`` (``--engine flower``, Ray);
   pfl           Apple pfl 0.6 (own venv);
   flgo          FLGo 0.4.4 (own venv, installed --no-deps next to torch 2.13 CPU);
@@ -57,9 +60,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # by path: a site-packages 'benchm
 
 from federated_engines import TreeRSS  # noqa: E402
 
-ENGINES = ("bare", "fedsim_local", "flower", "pfl", "flgo", "blazefl")
+ENGINES = ("bare", "direct", "fedsim_run", "fedsim_local", "fedsim_pool", "flower", "pfl", "flgo", "blazefl")
 PEERS = ("pfl", "flgo", "blazefl")
-LABELS = {"bare": "bare PyTorch", "fedsim_local": "fedsim local engine", "flower": "Flower run_simulation",
+LABELS = {"bare": "bare PyTorch", "fedsim_run": "fedsim run (own ClientApp and strategies)", "direct": "the Flower app, no engine (direct-call floor)", "fedsim_local": "fedsim local engine", "fedsim_pool": "fedsim local engine, 2 worker processes", "flower": "Flower run_simulation",
           "pfl": "pfl 0.6", "flgo": "FLGo 0.4.4", "blazefl": "BlazeFL 2.0.3 (3.0 needs Python 3.14)"}
 CONFIGS = ((20, 10), (100, 10), (1000, 10), (1000, 100))
 TORCH = "torch==2.13.0"
@@ -76,31 +79,41 @@ SMOKE = {"pfl": "import pfl.algorithm, pfl.model.pytorch", "flgo": "import flgo,
 
 # ---- the workload ------------------------------------------------------------------------------------
 def make_workload(path: Path, clients: int, per_round: int, rounds: int, seed: int = 0) -> None:
-    """Digits split, IID partition, schedule, batch orders and DigitsCNN's initial weights in one .npz."""
-    import numpy as np
-    import peers_workload as pw
-    import torch
-    from sklearn.datasets import load_digits
+    """fedsim's own run of DigitsCNN on digits, written down for every engine to replay (one .npz).
 
-    x, y = load_digits(return_X_y=True)
-    x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(x))
-    n_test = int(0.2 * len(x))
-    test, train = perm[:n_test], perm[n_test:]
-    parts = np.array_split(rng.permutation(len(train)), clients)
-    arrays: dict[str, Any] = {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test],
-                              "meta": np.array([clients, per_round, rounds, seed]),
-                              "sizes": np.array([len(p) for p in parts])}
-    for cid, part in enumerate(parts):
-        arrays[f"part_{cid}"] = part
+    The split (fedsim's digits train/test), each client's training indices (fedsim's IID partition
+    less its local hold-out), the clients of each round (fedsim's keyed sampling), each client's batch
+    order in each round (fedsim's keyed permutation) and the seeded initial weights are exactly what
+    ``fedsim run`` computes for ``peers_fedsim_task``, so fedsim's own path needs no replay at all.
+    """
+    import argparse as _argparse
+
+    import numpy as np
+    import peers_fedsim_task as pft
+    import torch
+    from federated_engines import plain_setup
+
+    from fedsim.engines.federated.rounds import sample_clients
+    from fedsim.seeding import derive_seed, epoch_permutation
+
+    args = _argparse.Namespace(clients=clients, seed=seed)
+    _, split, model, train_idx = plain_setup(args, pft.run_config(clients, per_round, rounds, seed))
+    x_train, y_train = split.train.tensors  # type: ignore[attr-defined]
+    x_test, y_test = split.test.tensors  # type: ignore[attr-defined]
+    arrays: dict[str, Any] = {
+        "x_train": x_train.reshape(len(x_train), -1).numpy(), "y_train": y_train.numpy().astype(np.int64),
+        "x_test": x_test.reshape(len(x_test), -1).numpy(), "y_test": y_test.numpy().astype(np.int64),
+        "meta": np.array([clients, per_round, rounds, seed]), "sizes": np.array([len(p) for p in train_idx])}
+    for cid, part in enumerate(train_idx):
+        arrays[f"part_{cid}"] = part.numpy()
     for r in range(1, rounds + 1):
-        sampled = rng.choice(clients, per_round, replace=False)
-        arrays[f"sampled_{r}"] = sampled
+        sampled = sample_clients(seed, r, clients, per_round)
+        arrays[f"sampled_{r}"] = np.array(sampled)
         for cid in sampled:
-            arrays[f"order_{r}_{cid}"] = parts[cid][rng.permutation(len(parts[cid]))]
-    torch.manual_seed(seed)
-    for key, value in pw.DigitsCNN().state_dict().items():
+            idx = train_idx[cid]  # fedsim's client: epoch 0 of its local fit, seeded by (seed, "client", round, pid)
+            order = epoch_permutation(len(idx), derive_seed(seed, "client", r, cid), 0)
+            arrays[f"order_{r}_{cid}"] = idx[torch.as_tensor(order, dtype=torch.long)].numpy()
+    for key, value in model.state_dict().items():
         arrays[f"init/{key}"] = value.numpy().copy()
     np.savez(path, **arrays)
 
@@ -157,9 +170,11 @@ def venv_python(engine: str, args: argparse.Namespace) -> Path:
 def command(engine: str, python: Path | None, workload: Path, out: Path) -> list[str]:
     if engine == "bare":
         return [sys.executable, str(ENGINES_DIR / "bare.py"), str(workload), str(out)]
-    if engine in ("fedsim_local", "flower"):
-        return [sys.executable, str(ENGINES_DIR / "flower_app_child.py"),
-                "local" if engine == "fedsim_local" else "flower", str(workload), str(out)]
+    if engine == "fedsim_run":
+        return [sys.executable, str(ENGINES_DIR / "peers_fedsim_task.py"), str(workload), str(out)]
+    if engine in ("fedsim_local", "fedsim_pool", "flower", "direct"):
+        mode = {"fedsim_local": "local", "fedsim_pool": "pool", "flower": "flower", "direct": "direct"}[engine]
+        return [sys.executable, str(ENGINES_DIR / "flower_app_child.py"), mode, str(workload), str(out)]
     assert python is not None
     return [str(python), "-W", "ignore", str(ENGINES_DIR / f"{engine}_engine.py"), str(workload), str(out)]
 

@@ -16,8 +16,9 @@ APP_DIR = Path(__file__).parent / "fixtures" / "third_party_app"
 def test_worker_pool_equals_sequential(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = ["num-server-rounds=2", "fail-partition=3"]
-    flower_run(APP_DIR, 4, run_config=[*config, "output=seq.pt"], client_threads=1)
-    flower_run(APP_DIR, 4, run_config=[*config, "output=pool.pt"], client_threads=1, workers=2)
+    # 6 nodes on 2 workers: runs of 2 consecutive messages per task (fedsim.engines.federated.local.pool)
+    flower_run(APP_DIR, 6, run_config=[*config, "output=seq.pt"], client_threads=1)
+    flower_run(APP_DIR, 6, run_config=[*config, "output=pool.pt"], client_threads=1, workers=2)
     seq, pool = torch.load(tmp_path / "seq.pt"), torch.load(tmp_path / "pool.pt")
     for name, value in seq["state_dict"].items():
         assert torch.equal(value, pool["state_dict"][name]), name  # same arithmetic, other processes

@@ -1,6 +1,7 @@
-"""fedsim_local / flower: the plain Flower app in ./flower_app on fedsim's local engine or Flower's run_simulation.
+"""fedsim_local / flower / direct: the plain Flower app in ./flower_app on fedsim's local engine, on Flower's
+run_simulation, or on no engine at all (the direct-call floor, ./direct_floor.py).
 
-Usage (fedsim's venv): python flower_app_child.py local|flower WORKLOAD.npz OUT.json
+Usage (fedsim's venv): python flower_app_child.py local|pool|flower|direct WORKLOAD.npz OUT.json
 """
 
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent / "flower_app"
+sys.path.insert(0, str(APP.parent))
 
 
 def main(engine: str, workload: str, out: str) -> None:
@@ -20,7 +22,21 @@ def main(engine: str, workload: str, out: str) -> None:
     from fedsim.engines.federated.flower_run import flower_run
 
     clients = int(np.load(workload)["meta"][0])
-    flower_run(APP, clients, engine=engine, run_config=[f'workload="{workload}"', f'out="{out}"'])
+    if engine == "direct":
+        from direct_floor import run_direct
+        from flwr.clientapp import ClientApp
+        from flwr.serverapp import ServerApp
+
+        from fedsim.engines.federated.flower_run import load_component, parse_run_config, read_app_config
+
+        spec = read_app_config(APP)
+        config = parse_run_config([f'workload="{workload}"', f'out="{out}"'], spec.run_config, "pyproject.toml")
+        run_direct(load_component(spec.serverapp, spec.app_dir, ServerApp),
+                   load_component(spec.clientapp, spec.app_dir, ClientApp), clients, config)
+        return
+    workers = 2 if engine == "pool" else 0  # fedsim's local engine with its worker pool (2 processes)
+    flower_run(APP, clients, engine="local" if engine == "pool" else engine, workers=workers,
+               run_config=[f'workload="{workload}"', f'out="{out}"'])
 
 
 if __name__ == "__main__":

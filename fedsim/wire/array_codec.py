@@ -1,22 +1,20 @@
-"""Flower ``Array`` <-> torch tensors without per-array NumPy (de)serialisation overhead.
+"""Flower ``Array`` <-> NumPy arrays and torch tensors without per-array (de)serialisation.
 
-A Flower ``Array`` holds ``np.save`` bytes. ``Array.numpy()`` parses the ``.npy`` header with
-``ast.literal_eval`` on every call (~20 us), and ``Array(ndarray)`` formats one and validates its
-arguments (~15 us): for a small model with tens of arrays that is about a millisecond per message,
-as much as the client's training step. Headers repeat every round (same names, shapes, dtypes), so
-both directions cache them by their bytes and copy only the payload:
+A Flower ``Array`` holds ``np.save`` bytes; writing and parsing them costs tens of microseconds per
+array (``ast.literal_eval`` of every header), about a millisecond per message of a small model, as
+much as the client's training step. Here:
 
-* :func:`record_to_numpy` / :func:`record_to_tensors` — read-only views of the message's own
-  bytes (load them into a model, never write to them); any header this module does not
-  understand (Fortran order, object dtypes, other ``.npy`` versions) falls back to ``Array.numpy()``;
-* :func:`tensors_to_record` — an ``ArrayRecord`` whose bytes are exactly what ``np.save`` writes
-  (the header is taken from one ``np.save`` per dtype and shape), so every consumer (Flower's
-  strategies, its serialisation for the wire) sees ordinary arrays.
+* :func:`ndarray_to_array` / :func:`tensor_to_array` / :func:`tensors_to_record` make
+  LazyArrays (:class:`~fedsim.wire.flower_private.LazyArray`): one copy of the payload, ``np.save``'s bytes
+  written only if something asks for them (Flower's wire does; nothing in one process does);
+* :func:`array_to_numpy` / :func:`record_to_numpy` / :func:`record_to_tensors` give read-only views
+  (a LazyArray's own copy, or the message's bytes with the header looked up in a cache): load them
+  into a model, never write to them. Headers this module does not understand (Fortran order, object
+  dtypes, other ``.npy`` versions) fall back to ``Array.numpy()``.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -25,36 +23,10 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsim.wire import flower_private as fp
+from fedsim.wire.npy_header import decode_header, npy_size
 
 __all__ = ["npy_size", "array_wire_bytes", "array_to_numpy", "record_to_numpy", "record_to_tensors", "ndarray_to_array", "tensor_to_array",
            "tensors_to_record", "arrays_to_record", "weighted_average"]
-
-_MAGIC = b"\x93NUMPY"
-_DECODED: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
-"""``.npy`` header bytes -> (dtype, shape, element count) for C-ordered, non-object arrays."""
-_ENCODED: dict[tuple[str, tuple[int, ...]], bytes] = {}
-"""(dtype descr, shape) -> the ``.npy`` header ``np.save`` writes for a C-contiguous array."""
-_CACHE_LIMIT = 4096  # distinct headers; a model has tens, so this only bounds pathological use
-
-
-_NPY_SIZES: dict[tuple[str, tuple[int, ...]], int] = {}
-
-
-def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
-    """Bytes of ``np.save`` of a C-ordered array of ``dtype`` and ``shape`` (header + payload), computed
-    from the header alone (``np.lib.format.write_array_header_1_0`` of the same dict ``np.save`` writes),
-    never from the array: the virtual clock prices messages this way on every engine."""
-    dtype = np.dtype(dtype)
-    key = (dtype.str, tuple(int(n) for n in shape))
-    size = _NPY_SIZES.get(key)
-    if size is None:
-        stream = io.BytesIO()
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": key[1]}
-        np.lib.format.write_array_header_1_0(stream, header)
-        size = len(stream.getvalue()) + dtype.itemsize * int(np.prod(key[1], dtype=np.int64))
-        if len(_NPY_SIZES) < _CACHE_LIMIT:
-            _NPY_SIZES[key] = size
-    return size
 
 
 def array_wire_bytes(array: Array) -> int:
@@ -64,34 +36,16 @@ def array_wire_bytes(array: Array) -> int:
     return npy_size(array.dtype, tuple(array.shape))
 
 
-def _header(data: bytes) -> tuple[bytes, tuple[np.dtype, tuple[int, ...], int] | None]:
-    """The header bytes of an ``.npy`` payload and what they describe (None: not handled here)."""
-    if data[:6] != _MAGIC or data[6] not in (1, 2):
-        return b"", None
-    start = 10 if data[6] == 1 else 12
-    header = data[:start + int.from_bytes(data[8:start], "little")]
-    parsed = _DECODED.get(header)
-    if parsed is None:
-        stream = io.BytesIO(header)
-        stream.seek(8)
-        read = np.lib.format.read_array_header_1_0 if data[6] == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read(stream)
-        if fortran_order or dtype.hasobject:
-            return header, None
-        parsed = (dtype, tuple(shape), int(np.prod(shape, dtype=np.int64)))
-        if len(_DECODED) < _CACHE_LIMIT:
-            _DECODED[header] = parsed
-    return header, parsed
-
-
 def array_to_numpy(array: Array) -> np.ndarray:
-    """``array.numpy()``, as a read-only view of the array's bytes when the header allows it."""
+    """``array.numpy()``, as a read-only view (of a LazyArray's copy, or of the bytes) where possible."""
+    if isinstance(array, fp.LazyArray) and (snapshot := array.snapshot()) is not None:
+        return snapshot
     data = array.data
-    header, parsed = _header(data) if array.stype == "numpy.ndarray" else (b"", None)
+    length, parsed = decode_header(data) if array.stype == "numpy.ndarray" else (0, None)
     if parsed is None:
         return array.numpy()
     dtype, shape, count = parsed
-    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=length).reshape(shape)
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -108,18 +62,8 @@ def record_to_tensors(record: ArrayRecord | Mapping[str, np.ndarray]) -> dict[st
 
 
 def ndarray_to_array(value: np.ndarray) -> Array:
-    """``Array(value)`` with the same bytes, formatting the ``.npy`` header once per dtype and shape."""
-    if not value.flags.c_contiguous or value.dtype.hasobject:
-        return Array(value)  # np.save writes these differently (Fortran order, pickles): leave it to Flower
-    key = (value.dtype.str, value.shape)
-    header = _ENCODED.get(key)
-    if header is None:
-        reference = Array(value)  # np.save's own bytes: the header is what precedes the payload
-        header = reference.data[:len(reference.data) - value.nbytes]
-        if len(_ENCODED) < _CACHE_LIMIT:
-            _ENCODED[key] = header
-    # One copy of the payload (join reads the array's buffer), not tobytes() and then a concatenation.
-    return fp.make_array(str(value.dtype), tuple(value.shape), b"".join((header, value.reshape(-1).view(np.uint8))))
+    """``Array(value)``, equal to Flower's, as a LazyArray (one copy; bytes made only if asked for)."""
+    return fp.lazy_array(value)
 
 
 def tensor_to_array(tensor: torch.Tensor) -> Array:

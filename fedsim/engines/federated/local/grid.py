@@ -10,13 +10,14 @@ sees is what Flower's simulation gives it:
   rolled back when the ClientApp raises, as Flower discards the context of a failed call);
 * a *copy* of the message content: strategies put one ``RecordDict`` object into every message of
   a round, so in-place edits by one client must not reach the others or the server. The copy is
-  structural — containers are new, array payloads are immutable ``bytes`` and shared — so it costs
-  O(number of arrays), not O(bytes);
+  structural — records and ``Array`` objects are new, payloads are shared because nobody can write
+  to them (``bytes``, or a :class:`~fedsim.wire.flower_private.LazyArray`'s read-only array, whose
+  ``numpy()`` hands out copies) — so it costs O(number of arrays), not O(bytes);
 * a ClientApp that raises comes back as an ``Error`` reply and the strategy carries on.
 
 Isolation that separate processes give for free is made explicit: before each delivery the
-global RNGs (python, numpy, torch) are seeded from (seed, partition, group id, message type) and
-restored afterwards, so client draws are reproducible and the server's own draws (e.g. FedAvg's
+global RNGs (python, numpy, torch) are seeded from (seed, partition, group id, message type), and
+the server's are put back after each batch of deliveries, so client draws are reproducible and the server's own draws (e.g. FedAvg's
 ``random.sample``) do not depend on how much randomness the clients used.
 
 Parallel options (see :func:`run_local`): sequential (default), a pool of worker processes
@@ -26,10 +27,10 @@ Parallel options (see :func:`run_local`): sequential (default), a pool of worker
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.engines.federated.local.delivery import (
     DeliveryOptions,
     IsolatedRandomness,
+    KeptGenerators,
     LocalNode,
     copy_records,
     deliver,
@@ -120,7 +122,8 @@ class SequentialExecutor:
         self.client_app, self.options = client_app, options
 
     def execute(self, deliveries: Sequence[tuple[LocalNode, Message]]) -> list[Message]:
-        return [deliver(self.client_app, node, message, self.options) for node, message in deliveries]
+        with KeptGenerators(self.options.threads):
+            return [deliver(self.client_app, node, message, self.options) for node, message in deliveries]
 
     def close(self) -> None:
         pass
@@ -219,6 +222,7 @@ class LocalGrid(Grid):
         (a million registered SuperNodes cost nothing until sampled, as a Context that holds
         nothing is the one a node would get anew)."""
         self._replies: dict[str, Message] = {}
+        self._message_counter = itertools.count(1)
         self.stats = {"messages": 0, "errors": 0, "client_time_s": 0.0}
 
     # -- Grid API --
@@ -251,7 +255,7 @@ class LocalGrid(Grid):
             if node is None:  # Flower's link state refuses such a message and returns no id
                 log.error("message for unknown node %s dropped", meta.dst_node_id)
                 continue
-            message_id = uuid.uuid4().hex
+            message_id = self._next_id()
             fp.set_message_id(message, message_id)
             deliveries.append((node, message))
             ids.append(message_id)
@@ -260,7 +264,7 @@ class LocalGrid(Grid):
             replies = self.executor.execute(deliveries)
             self.stats["client_time_s"] += time.perf_counter() - started
             for (node, message), reply in zip(deliveries, replies, strict=True):
-                fp.set_message_id(reply, uuid.uuid4().hex)
+                fp.set_message_id(reply, self._next_id())
                 self._replies[message.metadata.message_id] = reply
                 self.stats["messages"] += 1
                 self.stats["errors"] += int(reply.has_error())
@@ -275,6 +279,11 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # -- fedsim --
+    def _next_id(self) -> str:
+        """A message id unique in this grid (32 hex digits, like the uuid4s of Flower's in-memory link
+        state, which cost ~4 us each; nothing reads more into an id than its identity)."""
+        return f"{self.run_id:016x}{next(self._message_counter):016x}"
+
     def node_map(self) -> PartitionNodes:
         """Partition <-> node, for fedsim's round loop (no discovery round over every node)."""
         return self.partitions
@@ -364,7 +373,8 @@ def run_local(
         if grid_hook is not None:
             grid_hook(grid)
         random.seed(derive_seed("local-grid-server", seed))
-        with fp.task_identity(run_id=grid.run_id, node_id=fp.SUPERLINK_NODE_ID):
+        # In one process nobody reads np.save bytes: arrays stay arrays (fp.LazyArray) for every app.
+        with fp.task_identity(run_id=grid.run_id, node_id=fp.SUPERLINK_NODE_ID), fp.zero_copy_arrays():
             server_app(grid=grid, context=context)
         return context
     finally:
