@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -77,3 +78,30 @@ def test_missing_files_say_where_to_put_them(tmp_path: Path, name: str) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(FedsimError, match="unknown dataset 'nope'"):
         load_dataset("nope")
+
+
+def test_digits_split_cache_is_the_split_and_skips_scikit_learn(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from fedsim.data import digits
+
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path))
+    made = digits.load_digits_split(0.2, 7)  # computed with scikit-learn, then written
+    files = list(tmp_path.glob("digits-v*-test0.2-seed7-norm1-*.npz"))
+    assert len(files) == 1 and not list(tmp_path.glob(".*.tmp"))
+    read = digits.load_digits_split(0.2, 7)
+    for a, b in ((made.train, read.train), (made.test, read.test)):
+        for x, y in zip(a.tensors, b.tensors, strict=True):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    assert read.info == made.info
+    other = digits.load_digits_split(0.25, 7)  # another split has another file
+    assert len(other.test) != len(made.test) and len(list(tmp_path.glob("digits-*.npz"))) == 2
+    code = ("import sys; from fedsim.data import load_digits_split as f; s = f(0.2, 7); "
+            "print(len(s.train), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FEDSIM_CACHE_DIR": str(tmp_path)}).stdout.split()
+    assert out == [str(len(made.train)), "False"]  # read back without importing scikit-learn
+    files[0].write_bytes(b"not an npz")  # a damaged file is recomputed, not trusted
+    again = digits.load_digits_split(0.2, 7)
+    assert torch.equal(again.train.tensors[0], made.train.tensors[0])

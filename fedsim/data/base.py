@@ -8,7 +8,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 
@@ -114,6 +113,8 @@ def stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, split_seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fixed, seeded, class-stratified split (the same test set for every training seed)."""
+    from sklearn.model_selection import train_test_split  # here: importing scikit-learn takes ~1 s
+
     return train_test_split(x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
 
 

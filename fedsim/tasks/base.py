@@ -19,19 +19,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedsim.config import TrainConfig, from_dict
 from fedsim.data import DataInfo, DatasetSplit
 from fedsim.errors import FedsimError, UnsupportedError
 from fedsim.registry import import_object
-from fedsim.train import Batch, ExtraLoss, Optimizers, TaskContext, model_device, model_dtype, move_batch
+from fedsim.train import (
+    Batch,
+    ExtraLoss,
+    Optimizers,
+    TaskContext,
+    TensorBatches,
+    model_device,
+    model_dtype,
+    move_batch,
+)
 
 __all__ = ["TASKS", "Task", "NoOptions", "make_task", "task_class", "make_optimizer", "Batch", "ExtraLoss",
            "Optimizers", "TaskContext", "eval_loader", "model_device", "model_dtype", "move_batch", "options_dict"]
@@ -206,7 +215,17 @@ class Task:
                                    "takes more than x) instead of loss")
 
 
-def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int) -> Iterable[Batch]:
+    """``dataset``'s samples in order, ``batch_size`` at a time.
+
+    A ``TensorDataset`` (or a ``Subset`` of one) is sliced: the same tensors ``DataLoader``'s default
+    collate stacks row by row, without a Python call per sample (a 360-sample test set took 5 ms that
+    way, as long as evaluating it). Anything else goes through ``DataLoader``.
+    """
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        return TensorBatches(dataset.dataset, [int(i) for i in dataset.indices], batch_size)
+    if isinstance(dataset, TensorDataset):
+        return TensorBatches(dataset, list(range(len(dataset))), batch_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
