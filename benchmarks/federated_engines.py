@@ -42,7 +42,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("bare", "local", "local_vectorised", "flower", "floor")
-WIDE_TASK = "benchmarks.federated_engines:WideMLPTask"
+# By this module's own name, with benchmarks/ on the path: opacus installs a top-level `benchmarks` package
+# that shadows this folder as `benchmarks.*`.
+WIDE_TASK = "federated_engines:WideMLPTask"
 
 
 # ---- the ~11M-parameter synthetic model --------------------------------------------------------------
@@ -137,6 +139,17 @@ def plain_setup(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any, list
     return task, split, model, train_idx
 
 
+def client_order(seed: int, server_round: int, partition_id: int, indices: Any) -> Any:
+    """The order in which fedsim's ClientApp visits its training indices in a round (one local epoch): the
+    permutation of its local epoch 0, seeded by (seed, "client", round, partition)."""
+    import torch
+
+    from fedsim.seeding import derive_seed, epoch_permutation
+
+    order = epoch_permutation(len(indices), derive_seed(seed, "client", server_round, partition_id), 0)
+    return indices[torch.as_tensor(order, dtype=torch.long)]
+
+
 def timed_rounds(args: argparse.Namespace, run: Any, train_round: Any) -> dict[str, Any]:
     """Time ``args.rounds`` rounds of ``train_round`` plus the server's test evaluation, as (a) and (f) need.
 
@@ -169,8 +182,6 @@ def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
     """(a) FedAvg in plain PyTorch: same data, partition, model, sampling and evaluation."""
     import torch
 
-    from fedsim.train import keyed_generator
-
     global_state: dict[str, Any] = {}
 
     def train_round(server_round: int, sampled: list[int], model: Any, task: Any, x_all: Any, y_all: Any,
@@ -186,7 +197,7 @@ def bare_fedavg(args: argparse.Namespace, run: Any) -> dict[str, Any]:
             model.train()
             optimizer = torch.optim.SGD(model.parameters(), lr=run.train.lr)
             idx = train_idx[pid]
-            order = idx[torch.randperm(len(idx), generator=keyed_generator(args.seed, server_round, pid))]
+            order = client_order(args.seed, server_round, pid, idx)
             for start in range(0, len(order), run.train.batch_size):
                 batch = order[start:start + run.train.batch_size]
                 optimizer.zero_grad(set_to_none=True)
@@ -213,8 +224,6 @@ def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
     """
     import torch
 
-    from fedsim.train import keyed_generator
-
     optimizers: list[Any] = []
     size = run.train.batch_size
 
@@ -223,8 +232,7 @@ def compute_floor(args: argparse.Namespace, run: Any) -> dict[str, Any]:
         if not optimizers:
             optimizers.append(torch.optim.SGD(model.parameters(), lr=run.train.lr))
         optimizer = optimizers[0]
-        orders = [train_idx[p][torch.randperm(len(train_idx[p]), generator=keyed_generator(args.seed, server_round, p))]
-                  for p in sampled]
+        orders = [client_order(args.seed, server_round, p, train_idx[p]) for p in sampled]
         model.train()
         for start in range(0, max(len(o) for o in orders), size):
             batch = torch.cat([o[start:start + size] for o in orders])
@@ -323,7 +331,8 @@ def run_child(args: argparse.Namespace, engine: str, clients: int, task: str, ro
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--clients", str(clients),
            "--task", task, "--rounds", str(rounds), "--per-round", str(per_round), "--seed", str(seed),
            "--lr", str(args.lr)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    path = [str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)),
            "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

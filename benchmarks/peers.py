@@ -90,11 +90,9 @@ def make_workload(path: Path, clients: int, per_round: int, rounds: int, seed: i
 
     import numpy as np
     import peers_fedsim_task as pft
-    import torch
-    from federated_engines import plain_setup
+    from federated_engines import client_order, plain_setup
 
     from fedsim.engines.federated.rounds import sample_clients
-    from fedsim.seeding import derive_seed, epoch_permutation
 
     args = _argparse.Namespace(clients=clients, seed=seed)
     _, split, model, train_idx = plain_setup(args, pft.run_config(clients, per_round, rounds, seed))
@@ -110,9 +108,7 @@ def make_workload(path: Path, clients: int, per_round: int, rounds: int, seed: i
         sampled = sample_clients(seed, r, clients, per_round)
         arrays[f"sampled_{r}"] = np.array(sampled)
         for cid in sampled:
-            idx = train_idx[cid]  # fedsim's client: epoch 0 of its local fit, seeded by (seed, "client", round, pid)
-            order = epoch_permutation(len(idx), derive_seed(seed, "client", r, cid), 0)
-            arrays[f"order_{r}_{cid}"] = idx[torch.as_tensor(order, dtype=torch.long)].numpy()
+            arrays[f"order_{r}_{cid}"] = client_order(seed, r, cid, train_idx[cid]).numpy()
     for key, value in model.state_dict().items():
         arrays[f"init/{key}"] = value.numpy().copy()
     np.savez(path, **arrays)

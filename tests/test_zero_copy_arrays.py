@@ -124,3 +124,23 @@ def test_a_local_run_makes_npy_bytes_only_for_flowers_size_logs(monkeypatch: pyt
         assert all(isinstance(a, fp.LazyArray) for a in final)
     model_arrays = len(torch.load(tmp_path / "run.pt")["state_dict"])
     assert counts[0] == counts[1] <= 2 * model_arrays, f"np.save bytes made per run: {counts}"
+
+
+def test_fedsims_own_run_makes_no_npy_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """fedsim's ClientApp, strategies, traffic accounting and checkpoints read arrays, never their bytes."""
+    from fedsim.config import RunConfig, from_dict
+    from fedsim.engines.common import RunContext
+    from fedsim.engines.federated.engine import run_federated
+    from fedsim.results import RunDir
+
+    made: list[tuple[int, ...]] = []
+    real = npy_header.payload_bytes
+    monkeypatch.setattr(npy_header, "payload_bytes", lambda value: made.append(value.shape) or real(value))
+    run = from_dict(RunConfig, {"name": "lazy", "task": "bn_cnn", "mode": "federated",
+                                "train": {"threads": 1, "progress": False, "lr": 0.05, "batch_size": 32},
+                                "federated": {"num_clients": 6, "clients_per_round": 3, "rounds": 2,
+                                              "strategy": "fedavg", "partition": "iid"}})
+    summary = run_federated(run, RunContext(out=RunDir(str(tmp_path))))
+    assert made == [] and summary["metrics"]["accuracy"] > 0
+    history = [r for r in RunDir(str(tmp_path)).read_metrics() if r.get("round", 0) >= 1]
+    assert history and all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in history)

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, recall_score
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -595,6 +594,9 @@ class DualHeadViTTask(Task):
                 preds.append(class_logits.argmax(dim=1).cpu())
                 label_true.append(target[:, 1:].cpu())
                 label_prob.append(torch.sigmoid(label_logits).float().cpu())
+        # Here, not at the top: importing scikit-learn (SciPy, pandas) takes ~1 s that every other task would pay.
+        from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, recall_score
+
         y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
         truth, prob = torch.cat(label_true).numpy().astype(int), torch.cat(label_prob).numpy()
         classes = np.arange(model.n_classes)

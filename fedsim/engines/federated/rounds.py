@@ -196,9 +196,9 @@ def evaluation_cohort(seed: int, server_round: int, num_clients: int, size: int 
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of model-related arrays in a message (server-kept client state is not traffic)."""
-    return sum(len(array.data) for key, record in content.items() if isinstance(record, ArrayRecord)
-               and key != CLIENT_STATE_KEY for array in record.values())
+    """Bytes of model-related arrays in a message (server-kept client state is not traffic), from each array's
+    dtype and shape: reading ``data`` would make a LazyArray write its ``np.save`` bytes, a second copy."""
+    return message_array_bytes(content, skip=(CLIENT_STATE_KEY,))
 
 
 def _message(content: RecordDict, node_id: int, message_type: str, server_round: int) -> Message:
