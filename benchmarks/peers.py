@@ -2,6 +2,8 @@
 
 Engines (each run a fresh child process, watched by ``federated_engines.TreeRSS``):
   bare          plain PyTorch FedAvg loop, the reference (fedsim's venv);
+  fedsim_run    fedsim's own path: ``run_federated`` on peers_engines/peers_fedsim_task.py (fedsim's ClientApp
+                and strategies, local engine);
   direct        the Flower app below with no engine: its ServerApp calls the ClientApp directly
                 (peers_engines/direct_floor.py), the floor for running that app unchanged;
   fedsim_local  a plain Flower app (peers_engines/flower_app: stock ``flwr.serverapp.strategy.FedAvg``)
@@ -12,10 +14,11 @@ Engines (each run a fresh child process, watched by ``federated_engines.TreeRSS`
   flgo          FLGo 0.4.4 (own venv, installed --no-deps next to torch 2.13 CPU);
   blazefl       BlazeFL 2.0.3 (own venv; 3.0 needs Python 3.14, which this machine lacks).
 
-Workload: sklearn digits (x/16, 80/20 split), IID clients, ``DigitsCNN`` (25,730 parameters, no
-BatchNorm; peers_engines/peers_workload.py, torch only, imported by every engine), FedAvg weighted by
-examples, 1 local epoch, batch 32, SGD lr 0.1, server-side test accuracy each round, one torch
-thread per process. The parent writes one .npz per configuration with the split, the partition, the
+Workload: fedsim's digits split (stratified, standardised), IID clients less their local hold-out,
+``DigitsCNN`` (25,730 parameters, no BatchNorm; peers_engines/peers_workload.py, torch only, imported by
+every engine), FedAvg weighted by examples, 1 local epoch, batch 32, SGD lr 0.1, server-side test
+accuracy each round, one torch thread per process. The parent writes one .npz per configuration with
+what fedsim's own run of it computes (see :func:`make_workload`): the split, the partition, the
 per-round client schedule, each sampled client's batch order and the initial weights, so every engine
 computes the same FedAvg up to float summation order; an engine "matches" when its test accuracy is
 within 1e-4 of bare's in every round.
@@ -62,7 +65,9 @@ from federated_engines import TreeRSS  # noqa: E402
 
 ENGINES = ("bare", "direct", "fedsim_run", "fedsim_local", "fedsim_pool", "flower", "pfl", "flgo", "blazefl")
 PEERS = ("pfl", "flgo", "blazefl")
-LABELS = {"bare": "bare PyTorch", "fedsim_run": "fedsim run (own ClientApp and strategies)", "direct": "the Flower app, no engine (direct-call floor)", "fedsim_local": "fedsim local engine", "fedsim_pool": "fedsim local engine, 2 worker processes", "flower": "Flower run_simulation",
+LABELS = {"bare": "bare PyTorch", "direct": "the Flower app, no engine (direct-call floor)",
+          "fedsim_run": "fedsim run (own ClientApp and strategies)", "fedsim_local": "fedsim local engine",
+          "fedsim_pool": "fedsim local engine, 2 worker processes", "flower": "Flower run_simulation",
           "pfl": "pfl 0.6", "flgo": "FLGo 0.4.4", "blazefl": "BlazeFL 2.0.3 (3.0 needs Python 3.14)"}
 CONFIGS = ((20, 10), (100, 10), (1000, 10), (1000, 100))
 TORCH = "torch==2.13.0"
