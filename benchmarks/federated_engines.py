@@ -53,7 +53,8 @@ def _wide_task_class() -> Any:
     from torch import nn
 
     from fedsim.data import DataInfo
-    from fedsim.tasks import Task, eval_loader, move_batch
+    from fedsim.tasks import Task
+    from fedsim.tasks.part_a import classification_metrics
 
     class WideMLPTask(Task):
         """A 64 -> 3300 -> 3300 -> 10 MLP on digits: ~11.1M parameters, no batch coupling."""
@@ -73,12 +74,7 @@ def _wide_task_class() -> Any:
             return nn.functional.cross_entropy(model(x), y)
 
         def evaluate(self, model: nn.Module, dataset: Any, batch_size: int = 512) -> dict[str, float]:
-            correct, total = 0, 0
-            for batch in eval_loader(dataset, batch_size):
-                x, y = move_batch(batch, model)
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-            return {"accuracy": correct / total}
+            return classification_metrics(model, dataset, batch_size)
 
     return WideMLPTask
 

@@ -75,8 +75,6 @@ def client_app(app: str) -> Any:
 
 def make_grid(mode: str, app: Any, population: int) -> tuple[Any, Any]:
     """The grid and a function partition -> node id."""
-    from flwr.app import RecordDict  # noqa: F401  (Flower's message classes loaded before timing)
-
     from fedsim.wire import flower_private as fp
 
     if mode == "local":

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: federated_engines
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers_workload as pw  # noqa: E402
 
 from fedsim.data import DataInfo  # noqa: E402
-from fedsim.tasks import Task, eval_loader, move_batch  # noqa: E402
+from fedsim.tasks import Task  # noqa: E402
+from fedsim.tasks.part_a import classification_metrics  # noqa: E402
 
 TASK_REF = "peers_fedsim_task:DigitsCNNTask"
 
@@ -38,27 +40,20 @@ class DigitsCNNTask(Task):
         x, y = batch
         return nn.functional.cross_entropy(model(x), y)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Any, batch_size: int = 512) -> dict[str, float]:
-        correct, total = 0, 0
-        for batch in eval_loader(dataset, batch_size):
-            x, y = move_batch(batch, model)
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-        return {"accuracy": correct / total}
+        return classification_metrics(model, dataset, batch_size)
 
 
 def run_config(clients: int, per_round: int, rounds: int, seed: int) -> Any:
-    """fedsim's run of the workload: local engine, FedAvg, IID, 1 epoch, batch 32, SGD lr 0.1, 1 thread."""
-    from fedsim.config import RunConfig, from_dict
+    """fedsim's run of the workload: federated_engines' run (local engine, FedAvg, IID, 1 epoch, batch 32,
+    1 thread) with this task and the workload's learning rate."""
+    import argparse
 
-    return from_dict(RunConfig, {
-        "name": "peers", "task": TASK_REF, "mode": "federated",
-        "train": {"threads": 1, "progress": False, "checkpoint": False, "lr": pw.LR, "batch_size": pw.BATCH,
-                  "seed": seed},
-        "federated": {"engine": "local", "num_clients": clients, "clients_per_round": per_round, "rounds": rounds,
-                      "local_epochs": pw.LOCAL_EPOCHS, "strategy": "fedavg", "partition": "iid"},
-    })
+    from federated_engines import run_config as engines_run_config
+
+    args = argparse.Namespace(task=TASK_REF, clients=clients, per_round=per_round, rounds=rounds, lr=pw.LR,
+                              seed=seed)
+    return engines_run_config(args, "local")
 
 
 def main(workload: str, out: str) -> None:
