@@ -4,6 +4,8 @@ Engines (each run a fresh child process, watched by ``federated_engines.TreeRSS`
   bare          plain PyTorch FedAvg loop, the reference (fedsim's venv);
   fedsim_run    fedsim's own path: ``run_federated`` on peers_engines/peers_fedsim_task.py (fedsim's ClientApp
                 and strategies, local engine);
+  fedsim_vec    the same with vectorised clients (``federated.vectorise``: a round's clients trained at once
+                with ``torch.func``);
   direct        the Flower app below with no engine: its ServerApp calls the ClientApp directly
                 (peers_engines/direct_floor.py), the floor for running that app unchanged;
   fedsim_local  a plain Flower app (peers_engines/flower_app: stock ``flwr.serverapp.strategy.FedAvg``)
@@ -63,10 +65,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # by path: a site-packages 'benchm
 
 from federated_engines import TreeRSS  # noqa: E402
 
-ENGINES = ("bare", "direct", "fedsim_run", "fedsim_local", "fedsim_pool", "flower", "pfl", "flgo", "blazefl")
+ENGINES = ("bare", "direct", "fedsim_run", "fedsim_vec", "fedsim_local", "fedsim_pool", "flower", "pfl", "flgo", "blazefl")
 PEERS = ("pfl", "flgo", "blazefl")
 LABELS = {"bare": "bare PyTorch", "direct": "the Flower app, no engine (direct-call floor)",
-          "fedsim_run": "fedsim run (own ClientApp and strategies)", "fedsim_local": "fedsim local engine",
+          "fedsim_run": "fedsim run (own ClientApp and strategies)",
+          "fedsim_vec": "fedsim run, vectorised clients", "fedsim_local": "fedsim local engine",
           "fedsim_pool": "fedsim local engine, 2 worker processes", "flower": "Flower run_simulation",
           "pfl": "pfl 0.6", "flgo": "FLGo 0.4.4", "blazefl": "BlazeFL 2.0.3 (3.0 needs Python 3.14)"}
 CONFIGS = ((20, 10), (100, 10), (1000, 10), (1000, 100))
@@ -171,8 +174,9 @@ def venv_python(engine: str, args: argparse.Namespace) -> Path:
 def command(engine: str, python: Path | None, workload: Path, out: Path) -> list[str]:
     if engine == "bare":
         return [sys.executable, str(ENGINES_DIR / "bare.py"), str(workload), str(out)]
-    if engine == "fedsim_run":
-        return [sys.executable, str(ENGINES_DIR / "peers_fedsim_task.py"), str(workload), str(out)]
+    if engine in ("fedsim_run", "fedsim_vec"):
+        return [sys.executable, str(ENGINES_DIR / "peers_fedsim_task.py"), str(workload), str(out),
+                *(["--vectorise"] if engine == "fedsim_vec" else [])]
     if engine in ("fedsim_local", "fedsim_pool", "flower", "direct"):
         mode = {"fedsim_local": "local", "fedsim_pool": "pool", "flower": "flower", "direct": "direct"}[engine]
         return [sys.executable, str(ENGINES_DIR / "flower_app_child.py"), mode, str(workload), str(out)]

@@ -64,6 +64,7 @@ class SteppedTask(Protocol):
 __all__ = [
     "TrainState", "fit", "train_one_epoch", "make_loader", "epoch_permutation", "seed_everything", "derive_seed",
     "keyed_generator", "resolve_device", "configure_torch", "build_schedulers", "torch_dtype", "TensorBatches",
+    "ReusedOptimizers",
 ]
 
 
@@ -160,6 +161,40 @@ def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], train: TrainC
         elif train.schedule == "step":
             schedulers[name] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.step_size, gamma=train.gamma)
     return schedulers
+
+
+class ReusedOptimizers:
+    """A task's optimizers for one model and training config, built once and reset before each use.
+
+    A federated client trains with fresh optimizers in every round; building them (parameter groups,
+    defaults, torch.optim's bookkeeping) costs more than a small client's training step. A torch.optim
+    optimizer whose state is empty when built (SGD, Adam, ...; not Adagrad, which fills its sums at
+    construction) is the same as a new one once its per-parameter state is cleared and each parameter
+    group's settings are put back as they were built (LR schedulers change ``lr`` and add
+    ``initial_lr``). Anything else (other classes, state at construction) is built anew every time.
+    """
+
+    def __init__(self) -> None:
+        self._kept: tuple[TrainConfig, Optimizers, list[list[dict[str, Any]]]] | None = None
+
+    def get(self, train: TrainConfig, build: Callable[[], Optimizers]) -> Optimizers:
+        """The optimizers ``build()`` would return for ``train`` (the same model every call), as new."""
+        kept = self._kept
+        if kept is not None and kept[0] == train:
+            _, optimizers, groups = kept
+            for optimizer, built in zip(optimizers.values(), groups, strict=True):
+                optimizer.state.clear()
+                for group, settings in zip(optimizer.param_groups, built, strict=True):
+                    for key in [key for key in group if key != "params" and key not in settings]:
+                        del group[key]
+                    group.update(settings)
+            return optimizers
+        optimizers = build()
+        reusable = all(type(o).__module__.startswith("torch.optim.") and not o.state for o in optimizers.values())
+        self._kept = (train, optimizers, [[{k: v for k, v in group.items() if k != "params"}
+                                           for group in o.param_groups] for o in optimizers.values()]) \
+            if reusable else None
+        return optimizers
 
 
 @dataclass

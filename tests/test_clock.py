@@ -66,6 +66,11 @@ def test_array_bytes_are_np_save_bytes_without_serialising() -> None:
     for dtype in ("float32", "float64", "int64", "uint8"):
         for shape in ((), (3,), (64, 1, 3, 3), (1000,), (0,), (2,) * 7):
             assert npy_size(dtype, shape) == np_save_size(np.zeros(shape, dtype=dtype)), (dtype, shape)
+    # Sizes are cached by the arguments as given: other spellings of a dtype and list shapes agree.
+    for given in (np.dtype("float32"), "<f4", np.float32, "float32"):
+        for shape in ([64, 1, 3, 3], (64, 1, 3, 3)):
+            assert npy_size(given, shape) == np_save_size(np.zeros((64, 1, 3, 3), dtype=np.float32)), (given, shape)
+    assert npy_size(">f8", (3, 2)) == np_save_size(np.zeros((3, 2), dtype=">f8"))
     content = RecordDict({"arrays": arrays_to_record(MODEL), "config": ConfigRecord({"lr": 0.1}),
                           "client-state": arrays_to_record({"c": np.zeros(5)})})
     assert message_array_bytes(content, skip=("client-state",)) == MODEL_BYTES

@@ -20,12 +20,19 @@ _DECODED: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 _ENCODED: dict[tuple[str, tuple[int, ...]], bytes] = {}
 """(dtype descr, shape) -> the ``.npy`` header ``np.save`` writes for a C-contiguous array."""
 _NPY_SIZES: dict[tuple[str, tuple[int, ...]], int] = {}
+_NPY_SIZES_AS_GIVEN: dict[tuple[object, tuple[int, ...]], int] = {}
+"""The same sizes keyed by ``npy_size``'s arguments as passed (a dtype name or object, a shape tuple)."""
 
 
 def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
     """Bytes of ``np.save`` of a C-ordered array of ``dtype`` and ``shape`` (header + payload), computed
     from the header alone (``np.lib.format.write_array_header_1_0`` of the same dict ``np.save`` writes),
     never from the array: the virtual clock prices messages this way on every engine."""
+    try:  # the round loop prices every message of a round: a lookup by the arguments as given comes first
+        return _NPY_SIZES_AS_GIVEN[(dtype, shape)]
+    except (KeyError, TypeError):  # not seen yet, or unhashable (a list shape)
+        pass
+    given = (dtype, shape)
     dtype = np.dtype(dtype)
     key = (dtype.str, tuple(int(n) for n in shape))
     size = _NPY_SIZES.get(key)
@@ -36,6 +43,8 @@ def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
         size = len(stream.getvalue()) + dtype.itemsize * int(np.prod(key[1], dtype=np.int64))
         if len(_NPY_SIZES) < _CACHE_LIMIT:
             _NPY_SIZES[key] = size
+    if isinstance(given[1], tuple) and len(_NPY_SIZES_AS_GIVEN) < _CACHE_LIMIT:
+        _NPY_SIZES_AS_GIVEN[given] = size
     return size
 
 

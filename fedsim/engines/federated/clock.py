@@ -170,9 +170,13 @@ def plan_round(*, start_s: float, sampled: Sequence[int], devices: Devices, byte
     late: list[int] = []
     partial: dict[int, int] = {}
 
+    # The cohort's devices in one vectorised draw (Devices.profile per client costs ~30 us of NumPy calls).
+    compute, down, up = (values.tolist() for values in devices.profiles(np.asarray(sampled, dtype=np.int64)))
+    profiles = {p: DeviceProfile(compute[i], down[i], up[i]) for i, p in enumerate(sampled)}
+
     def timed(p: int, work: int) -> ClientTime:
         samples = work_samples(n_train[p], batch_size, work, by_steps)
-        return client_time(p, bytes_down[p], bytes_up[p], samples, work, devices.profile(p))
+        return client_time(p, bytes_down[p], bytes_up[p], samples, work, profiles[p])
 
     arriving: list[ClientTime] = []
     for p in sampled:
@@ -181,7 +185,7 @@ def plan_round(*, start_s: float, sampled: Sequence[int], devices: Devices, byte
             fit = 0
             if late_work == "partial":
                 budget = deadline_s - time.down_s - time.up_s
-                fit = units_within(budget, devices.profile(p), n_train[p], batch_size, time.units, by_steps)
+                fit = units_within(budget, profiles[p], n_train[p], batch_size, time.units, by_steps)
             if fit >= 1:
                 time = timed(p, fit)
                 partial[p] = fit

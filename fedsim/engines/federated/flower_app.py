@@ -47,10 +47,10 @@ from fedsim.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from fedsim.config import RunConfig, from_dict, to_dict
+from fedsim.config import RunConfig, TrainConfig, from_dict, to_dict
 from fedsim.data import ClientShard, DatasetSplit, NaturalClients, Population
 from fedsim.data.partition import lazy_partition, partition_labels, split_holdout
-from fedsim.engines.common import build_model, last_test_metrics, load_task_data, task_context
+from fedsim.engines.common import WarmHeap, build_model, last_test_metrics, load_task_data, task_context
 from fedsim.engines.federated import fewshot as fed_fewshot
 from fedsim.engines.federated.devices import Devices
 from fedsim.engines.federated.fedbuff import BufferedServer
@@ -73,7 +73,7 @@ from fedsim.errors import FedsimError
 from fedsim.privacy import dp_fedavg
 from fedsim.results import RunDir, make_summary
 from fedsim.tasks import Batch, Task, TaskContext, model_device
-from fedsim.train import TrainState, build_schedulers, derive_seed, fit, make_loader
+from fedsim.train import ReusedOptimizers, TrainState, build_schedulers, derive_seed, fit, make_loader
 from fedsim.wire.array_codec import record_to_numpy, record_to_tensors, tensors_to_record
 from fedsim.wire.flower_private import KEY_CLIPPING_NORM
 from strategies import (
@@ -206,6 +206,8 @@ class ClientData:
     model: nn.Module
     population: Population
     _shards: OrderedDict[int, ClientShard] = field(default_factory=OrderedDict)
+    optimizers: ReusedOptimizers = field(default_factory=ReusedOptimizers)
+    """The model's optimizers, built once and reset for each call."""
 
     def shard(self, partition_id: int) -> ClientShard:
         """Client ``partition_id``'s data; the last few are kept (a round asks for them twice at most)."""
@@ -304,6 +306,12 @@ def _load(model: nn.Module, arrays: ArrayRecord | dict[str, np.ndarray]) -> None
             targets[name].copy_(value)
 
 
+@functools.lru_cache(maxsize=16)
+def _local_train_config(train: TrainConfig, epochs: int, max_steps: int) -> TrainConfig:
+    """The run's training settings for one client call (the same few every round: made once)."""
+    return dataclasses.replace(train, epochs=epochs, progress=False, checkpoint=False, max_steps=max_steps)
+
+
 def _counted(batches: Any, counter: list[int]) -> Iterator[Batch]:
     for batch in batches:
         counter[0] += len(batch[0])
@@ -354,9 +362,8 @@ def train(msg: Message, context: Context) -> Message:
     # A straggler doing partial work (federated.straggler_work = "partial") is told how much to do.
     local_steps = int(config.get(LOCAL_STEPS_KEY, fed.local_steps)) if fed.local_steps > 0 else 0
     local_epochs = 1 if fed.local_steps > 0 else int(config.get(LOCAL_EPOCHS_KEY, fed.local_epochs))
-    local_cfg = dataclasses.replace(run.train, epochs=local_epochs, progress=False, checkpoint=False,
-                                    max_steps=0 if fed.local_steps > 0 else run.train.max_steps)
-    optimizers = task.build_optimizers(model, local_cfg)
+    local_cfg = _local_train_config(run.train, local_epochs, 0 if fed.local_steps > 0 else run.train.max_steps)
+    optimizers = data.optimizers.get(local_cfg, lambda: task.build_optimizers(model, local_cfg))
     state = TrainState(model, optimizers, build_schedulers(optimizers, local_cfg))
     shard = data.shard(pid)
     indices = shard.train_idx.tolist()
@@ -591,28 +598,33 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
         loop.nodes = nodes
     else:
         loop.connect(grid)
-    for server_round in range(progress.round + 1, fed.rounds + 1):
-        # A marker fault tests (and operators) can wait on: the round's messages go out next.
-        atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
-        bound_before = private.clipping_norm if private is not None else 0.0
-        result = (server.step(grid, server_round, progress.arrays) if server is not None
-                  else loop.round(grid, server_round, progress.arrays))
-        every = fed.evaluate_clients_every
-        if every and server_round % every == 0 and server_round < fed.rounds:
-            cohort = evaluation_cohort(run.train.seed, server_round, fed.num_clients, fed.evaluate_clients)
-            result.record.update(client_distribution(loop.evaluate_clients(grid, result.arrays, server_round, cohort),
-                                                     task.primary_metric, task.primary_metric not in task.lower_is_better))
-        if ledger is not None and private is not None:
-            ledger.record(result.record, progress.history, private, bound_before)
-        progress.arrays, progress.round = result.arrays, server_round
-        progress.history.append(result.record)
-        out.log(result.record)
-        log.info("round %d/%d: %s", server_round, fed.rounds,
-                 " ".join(f"{k}={v:.4g}" for k, v in result.record.items() if k.startswith("test_")))
-        if run.train.checkpoint:
-            _save(job, strategy, loop, progress, server)
-        if job.stop_after_round and server_round >= job.stop_after_round:
-            return {"interrupted_after_round": server_round}
+    heap = WarmHeap()
+    try:
+        for server_round in range(progress.round + 1, fed.rounds + 1):
+            # A marker fault tests (and operators) can wait on: the round's messages go out next.
+            atomic_write_json(out.path("round_started.json"), {"round": server_round, "time": time.time()})
+            bound_before = private.clipping_norm if private is not None else 0.0
+            result = (server.step(grid, server_round, progress.arrays) if server is not None
+                      else loop.round(grid, server_round, progress.arrays))
+            every = fed.evaluate_clients_every
+            if every and server_round % every == 0 and server_round < fed.rounds:
+                cohort = evaluation_cohort(run.train.seed, server_round, fed.num_clients, fed.evaluate_clients)
+                result.record.update(client_distribution(loop.evaluate_clients(grid, result.arrays, server_round, cohort),
+                                                         task.primary_metric, task.primary_metric not in task.lower_is_better))
+            if ledger is not None and private is not None:
+                ledger.record(result.record, progress.history, private, bound_before)
+            progress.arrays, progress.round = result.arrays, server_round
+            progress.history.append(result.record)
+            out.log(result.record)
+            log.info("round %d/%d: %s", server_round, fed.rounds,
+                     " ".join(f"{k}={v:.4g}" for k, v in result.record.items() if k.startswith("test_")))
+            if run.train.checkpoint:
+                _save(job, strategy, loop, progress, server)
+            if job.stop_after_round and server_round >= job.stop_after_round:
+                return {"interrupted_after_round": server_round}
+            heap.freeze()  # after the first round everything the run keeps is alive
+    finally:
+        heap.release()
     cohort = evaluation_cohort(run.train.seed, fed.rounds + 1, fed.num_clients, fed.evaluate_clients)
     client_metrics = loop.evaluate_clients(grid, progress.arrays, fed.rounds + 1, cohort)
     if fed.client_metrics_file:
