@@ -101,9 +101,11 @@ def test_federated_clients_reusing_optimizers_equal_clients_building_them(tmp_pa
 def test_the_heap_is_frozen_only_for_the_rounds_and_only_when_nobody_else_froze_it(tmp_path: Path) -> None:
     assert gc.get_freeze_count() == 0
     heap = WarmHeap()
-    heap.freeze()
-    assert heap.frozen and gc.get_freeze_count() > 0
-    heap.freeze()  # once
+    heap.round_done()
+    frozen = gc.get_freeze_count()
+    assert heap.frozen and frozen > 0
+    heap.round_done()  # frozen once: later rounds only collect
+    assert gc.get_freeze_count() == frozen
     heap.release()
     assert not heap.frozen and gc.get_freeze_count() == 0
     _federated(tmp_path, "released")
@@ -112,8 +114,37 @@ def test_the_heap_is_frozen_only_for_the_rounds_and_only_when_nobody_else_froze_
     try:
         frozen = gc.get_freeze_count()
         other = WarmHeap()
-        other.freeze()
+        other.round_done()
         other.release()
         assert not other.frozen and gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+class _Cycle:
+    """A reply-sized payload kept alive only by a reference cycle, as Flower's record views keep records."""
+
+    def __init__(self) -> None:
+        self.payload = bytearray(1 << 20)
+        self.me = self
+
+
+def test_a_rounds_cyclic_garbage_is_freed_when_the_round_ends() -> None:
+    import weakref
+
+    heap = WarmHeap()
+    try:
+        for _ in range(2):  # before the heap is frozen and after
+            gc.disable()  # no automatic collection in between: only round_done may free it
+            try:
+                garbage = _Cycle()
+                alive = weakref.ref(garbage)
+                del garbage
+                assert alive() is not None
+                heap.round_done()
+                assert alive() is None
+            finally:
+                gc.enable()
+        assert heap.frozen
+    finally:
+        heap.release()

@@ -622,7 +622,7 @@ def serve(grid: Grid, job: FederatedJob, nodes: NodeMap | None = None) -> dict[s
                 _save(job, strategy, loop, progress, server)
             if job.stop_after_round and server_round >= job.stop_after_round:
                 return {"interrupted_after_round": server_round}
-            heap.freeze()  # after the first round everything the run keeps is alive
+            heap.round_done()  # the round's garbage now; after the first round, the heap the run keeps frozen
     finally:
         heap.release()
     cohort = evaluation_cohort(run.train.seed, fed.rounds + 1, fed.num_clients, fed.evaluate_clients)
