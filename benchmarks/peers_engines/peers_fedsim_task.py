@@ -3,9 +3,11 @@
 ``DigitsCNNTask`` is ``peers_workload.DigitsCNN`` on fedsim's digits data with cross-entropy and test
 accuracy. The parent (``benchmarks/peers.py``) makes the workload from this task's own data split,
 partition, client sampling, batch orders and seeded initial weights, so that ``fedsim run`` on it
-computes the FedAvg every other engine replays.
+computes the FedAvg every other engine replays. With ``--vectorise`` (the ``fedsim_vec`` engine) the run
+trains each round's clients at once (``federated.vectorise``), which the task allows by defining
+``output_loss`` and ``vectorisable``.
 
-Usage (fedsim's venv): python peers_fedsim_task.py WORKLOAD.npz OUT.json
+Usage (fedsim's venv): python peers_fedsim_task.py WORKLOAD.npz OUT.json [--vectorise]
 """
 
 from __future__ import annotations

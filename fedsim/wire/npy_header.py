@@ -19,7 +19,7 @@ _DECODED: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 """``.npy`` header bytes -> (dtype, shape, element count) for C-ordered, non-object arrays."""
 _ENCODED: dict[tuple[str, tuple[int, ...]], bytes] = {}
 """(dtype descr, shape) -> the ``.npy`` header ``np.save`` writes for a C-contiguous array."""
-_NPY_SIZES: dict[tuple[str, tuple[int, ...]], int] = {}
+_NPY_SIZES: dict[tuple[np.dtype, tuple[int, ...]], int] = {}
 _NPY_SIZES_AS_GIVEN: dict[tuple[object, tuple[int, ...]], int] = {}
 """The same sizes keyed by ``npy_size``'s arguments as passed (a dtype name or object, a shape tuple)."""
 
@@ -34,7 +34,7 @@ def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
         pass
     given = (dtype, shape)
     dtype = np.dtype(dtype)
-    key = (dtype.str, tuple(int(n) for n in shape))
+    key = (dtype, tuple(int(n) for n in shape))  # the dtype itself: structured dtypes of one size differ in header
     size = _NPY_SIZES.get(key)
     if size is None:
         stream = io.BytesIO()
@@ -44,7 +44,10 @@ def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
         if len(_NPY_SIZES) < _CACHE_LIMIT:
             _NPY_SIZES[key] = size
     if isinstance(given[1], tuple) and len(_NPY_SIZES_AS_GIVEN) < _CACHE_LIMIT:
-        _NPY_SIZES_AS_GIVEN[given] = size
+        try:
+            _NPY_SIZES_AS_GIVEN[given] = size
+        except TypeError:  # a dtype given in an unhashable form (a structured dtype's list of fields)
+            pass
     return size
 
 
