@@ -19,35 +19,32 @@ _DECODED: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 """``.npy`` header bytes -> (dtype, shape, element count) for C-ordered, non-object arrays."""
 _ENCODED: dict[tuple[str, tuple[int, ...]], bytes] = {}
 """(dtype descr, shape) -> the ``.npy`` header ``np.save`` writes for a C-contiguous array."""
-_NPY_SIZES: dict[tuple[np.dtype, tuple[int, ...]], int] = {}
-_NPY_SIZES_AS_GIVEN: dict[tuple[object, tuple[int, ...]], int] = {}
-"""The same sizes keyed by ``npy_size``'s arguments as passed (a dtype name or object, a shape tuple)."""
+_NPY_SIZES: dict[tuple[object, tuple[int, ...]], int] = {}
+"""Sizes keyed by ``npy_size``'s arguments as passed (a dtype name, type or object; the shape as a tuple):
+equal keys are equal dtypes, so a dtype spelled two ways gets two entries of the same size."""
 
 
 def npy_size(dtype: str | np.dtype, shape: tuple[int, ...]) -> int:
     """Bytes of ``np.save`` of a C-ordered array of ``dtype`` and ``shape`` (header + payload), computed
     from the header alone (``np.lib.format.write_array_header_1_0`` of the same dict ``np.save`` writes),
     never from the array: the virtual clock prices messages this way on every engine."""
-    try:  # the round loop prices every message of a round: a lookup by the arguments as given comes first
-        return _NPY_SIZES_AS_GIVEN[(dtype, shape)]
-    except (KeyError, TypeError):  # not seen yet, or unhashable (a list shape)
+    # The round loop prices every message of a round: the lookup comes first, by the arguments as given
+    # (normalising the dtype and the shape cost more than the rest of a message's pricing).
+    key: tuple[object, tuple[int, ...]] | None = (dtype, shape if type(shape) is tuple else tuple(shape))
+    try:
+        return _NPY_SIZES[key]
+    except KeyError:
         pass
-    given = (dtype, shape)
+    except TypeError:  # a dtype given in an unhashable form (a structured dtype's list of fields): not cached
+        key = None
     dtype = np.dtype(dtype)
-    key = (dtype, tuple(int(n) for n in shape))  # the dtype itself: structured dtypes of one size differ in header
-    size = _NPY_SIZES.get(key)
-    if size is None:
-        stream = io.BytesIO()
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": key[1]}
-        np.lib.format.write_array_header_1_0(stream, header)
-        size = len(stream.getvalue()) + dtype.itemsize * int(np.prod(key[1], dtype=np.int64))
-        if len(_NPY_SIZES) < _CACHE_LIMIT:
-            _NPY_SIZES[key] = size
-    if isinstance(given[1], tuple) and len(_NPY_SIZES_AS_GIVEN) < _CACHE_LIMIT:
-        try:
-            _NPY_SIZES_AS_GIVEN[given] = size
-        except TypeError:  # a dtype given in an unhashable form (a structured dtype's list of fields)
-            pass
+    dims = tuple(int(n) for n in shape)
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": dims})
+    size = len(stream.getvalue()) + dtype.itemsize * int(np.prod(dims, dtype=np.int64))
+    if key is not None and len(_NPY_SIZES) < _CACHE_LIMIT:
+        _NPY_SIZES[key] = size
     return size
 
 
